@@ -1,0 +1,96 @@
+"""Gemma 2 attention: grouped-query, RoPE, logit soft-cap, local/global masks.
+
+Order of operations (Gemma 2 report; HF `Gemma2Attention`):
+  q <- q * query_scale;  s = q k^T;  s <- cap * tanh(s / cap);  mask;  softmax.
+Local layers see keys with 0 <= q_index - k_index < sliding_window_size; packed
+sequences never attend across segments.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from posttrain_jax.models.config import ModelConfig
+from posttrain_jax.models.layers import apply_rope, soft_cap
+
+Array = jax.Array
+
+# Large finite negative: fully-masked rows stay finite (NaN-free) under softmax.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    q_index: Array,
+    k_index: Array,
+    q_segment_ids: Array | None = None,
+    k_segment_ids: Array | None = None,
+    sliding_window_size: int | None = None,
+) -> Array:
+  """Boolean [batch, q_len, k_len] mask; True where attention is allowed.
+
+  q_index: [batch, q_len] and k_index: [batch, k_len] are absolute token
+  indices in the sequence (for a KV cache, the cache slots' indices). Allowed
+  iff the key is not in the future, lies within the window when one is given,
+  and belongs to the same segment when segment ids are given.
+  """
+  diff = q_index[:, :, None] - k_index[:, None, :]
+  mask = diff >= 0
+  if sliding_window_size is not None:
+    mask &= diff < sliding_window_size
+  if q_segment_ids is not None:
+    mask &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
+  return mask
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped key/value heads."""
+
+  config: ModelConfig
+  attention_type: str  # "local" or "global"
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+    cfg = self.config
+    dtype, pdtype = cfg.compute_dtype, cfg.weight_dtype
+    d, h, k, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def proj(name, shape, axes, in_axis, out_axis):
+      init = nn.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        pdtype).astype(dtype)
+
+    w_q = proj("q", (d, h, hd), ("embed", "heads", "kv"), 0, (1, 2))
+    w_k = proj("k", (d, k, hd), ("embed", "kv_heads", "kv"), 0, (1, 2))
+    w_v = proj("v", (d, k, hd), ("embed", "kv_heads", "kv"), 0, (1, 2))
+    w_o = proj("o", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
+
+    q = jnp.einsum("btd,dhk->bthk", x, w_q)
+    key = jnp.einsum("btd,dhk->bthk", x, w_k)
+    value = jnp.einsum("btd,dhk->bthk", x, w_v)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
+    value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
+
+    q = apply_rope(q, positions, cfg.rope_base)
+    key = apply_rope(key, positions, cfg.rope_base)
+    q = q * jnp.asarray(cfg.query_scale, dtype)
+
+    batch, length = x.shape[:2]
+    groups = h // k
+    q = q.reshape(batch, length, k, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, key,
+                        preferred_element_type=jnp.float32)
+    scores = soft_cap(scores, cfg.attn_logits_soft_cap)
+
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    window = cfg.sliding_window_size if self.attention_type == "local" else None
+    mask = attention_mask(index, index, segment_ids, segment_ids, window)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(batch, length, h, hd)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return jnp.einsum("bthk,hkd->btd", out, w_o)

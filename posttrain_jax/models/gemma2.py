@@ -1,0 +1,124 @@
+"""Gemma 2 decoder (Gemma Team, 2024, "Gemma 2: Improving Open Language Models
+at a Practical Size").
+
+Each block:  x += post_attn_norm(attn(pre_attn_norm(x)));
+             x += post_ffw_norm(mlp(pre_ffw_norm(x)))
+then a final RMSNorm, the tied embedding as output projection and a final-logit
+soft-cap. Layers follow `config.attention_pattern` (local sliding-window /
+global), layer 0 first. With `scan_layers` the model scans over groups of
+len(attention_pattern) layers (a "local + global" pair for Gemma 2), stacking
+their parameters on a leading "layers" axis.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from posttrain_jax.models.attention import Attention
+from posttrain_jax.models.config import ModelConfig
+from posttrain_jax.models.layers import Embedder, FeedForward, RMSNorm, soft_cap
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+  """One decoder layer with pre- and post-norms around attention and MLP."""
+
+  config: ModelConfig
+  attention_type: str
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name=name)
+    h = norm("pre_attention_norm")(x)
+    h = Attention(cfg, self.attention_type, name="attn")(h, positions, segment_ids)
+    x = x + norm("post_attention_norm")(h)
+    h = norm("pre_ffw_norm")(x)
+    h = FeedForward(cfg.embed_dim, cfg.mlp_dim, cfg.compute_dtype, cfg.weight_dtype,
+                    name="mlp")(h)
+    x = x + norm("post_ffw_norm")(h)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class BlockGroup(nn.Module):
+  """One period of the attention pattern (e.g. a local + global pair); scan body."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    for i, attention_type in enumerate(self.config.attention_pattern):
+      x = _block_cls(self.config)(self.config, attention_type,
+                                  name=f"{attention_type}_{i}")(x, positions, segment_ids)
+    return x, None
+
+
+def _block_cls(config: ModelConfig):
+  if config.remat_policy == "none" or config.scan_layers:
+    return Block  # scanned models remat the whole group instead
+  return nn.remat(Block, policy=_REMAT_POLICIES[config.remat_policy],
+                  prevent_cse=True)
+
+
+class Transformer(nn.Module):
+  """Gemma-2-like decoder returning float32 logits [batch, length, vocab]."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedder = Embedder(cfg.vocab_size, cfg.embed_dim, cfg.compute_dtype,
+                             cfg.weight_dtype)
+    if cfg.scan_layers:
+      group = BlockGroup
+      if cfg.remat_policy != "none":
+        group = nn.remat(BlockGroup, policy=_REMAT_POLICIES[cfg.remat_policy],
+                         prevent_cse=False)
+      self.layers = nn.scan(
+          group,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.num_layers // len(cfg.attention_pattern),
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg)
+    else:
+      block = _block_cls(cfg)
+      self.blocks = [block(cfg, cfg.attention_type(i), name=f"layer_{i}")
+                     for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, return_hidden: bool = False):
+    """Forward pass.
+
+    Args:
+      tokens: int [batch, length] token ids.
+      positions: int [batch, length] RoPE positions (restart at 0 in each packed
+        segment); defaults to 0..length-1.
+      segment_ids: int [batch, length]; tokens attend only within their segment.
+      return_hidden: also return the final-normed hidden states [b, t, d].
+    """
+    batch, length = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    x = self.embedder.encode(tokens)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if self.config.scan_layers:
+      x, _ = self.layers(x, positions, segment_ids)
+    else:
+      for block in self.blocks:
+        x = block(x, positions, segment_ids)
+    hidden = self.final_norm(x)
+    logits = soft_cap(self.embedder.decode(hidden), self.config.final_logit_soft_cap)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return (logits, hidden) if return_hidden else logits

@@ -1,0 +1,106 @@
+"""Building blocks of the Gemma 2 decoder: RMSNorm, embedder, GeGLU MLP, RoPE, soft-cap.
+
+Every parameter carries logical axis names ("vocab", "embed", "mlp", "norm");
+the partitioning rules map them to mesh axes outside the model.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+  """Gemma 2 soft-capping: cap * tanh(x / cap); identity when cap is None.
+
+  Bounded in (-cap, cap) and ~x for |x| << cap (Gemma 2 report, Sec. 2).
+  """
+  if cap is None:
+    return x
+  return cap * jnp.tanh(x / cap)
+
+
+def apply_rope(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding, half-split (rotate_half) convention.
+
+  x: [batch, length, heads, head_dim]; positions: [batch, length].
+  Frequencies base^(-2i/head_dim) for i < head_dim/2 rotate the pairs
+  (x[..., i], x[..., i + head_dim/2]). Computed in float32.
+  """
+  head_dim = x.shape[-1]
+  half = head_dim // 2
+  inv_freq = base ** (-jnp.arange(0, half, dtype=jnp.float32) * 2 / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a (1 + w) scale, w initialised to zero; computed in float32."""
+
+  eps: float = 1e-6
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+  """Token embedding shared by the input lookup and the output projection."""
+
+  vocab_size: int
+  embed_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    init = nn.initializers.normal(stddev=self.embed_dim ** -0.5)
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+        (self.vocab_size, self.embed_dim), self.param_dtype)
+
+  def encode(self, tokens: Array) -> Array:
+    """Look up tokens and scale by sqrt(embed_dim) (factor cast to the compute dtype)."""
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    return x * jnp.asarray(self.embed_dim ** 0.5, self.dtype)
+
+  def decode(self, x: Array) -> Array:
+    """Tied output projection to float32 vocabulary logits."""
+    return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class FeedForward(nn.Module):
+  """GeGLU MLP: down(gelu_tanh(x W_gate) * (x W_up))."""
+
+  embed_dim: int
+  mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    w_gate = self.param("gate", nn.with_logical_partitioning(init, ("embed", "mlp")),
+                        (self.embed_dim, self.mlp_dim), self.param_dtype)
+    w_up = self.param("up", nn.with_logical_partitioning(init, ("embed", "mlp")),
+                      (self.embed_dim, self.mlp_dim), self.param_dtype)
+    w_down = self.param("down", nn.with_logical_partitioning(init, ("mlp", "embed")),
+                        (self.mlp_dim, self.embed_dim), self.param_dtype)
+    gate = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
+    up = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
+    h = jax.nn.gelu(gate, approximate=True) * up
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", h, w_down.astype(self.dtype))
