@@ -73,7 +73,10 @@ class Embedder(nn.Module):
 
   def encode(self, tokens: Array) -> Array:
     """Look up tokens and scale by sqrt(embed_dim) (factor cast to the compute dtype)."""
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    # FSDP-style: gather the table's embed dim first; the vocab-sharded lookup
+    # then partitions as a masked local gather plus an all-reduce.
+    table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     return x * jnp.asarray(self.embed_dim ** 0.5, self.dtype)
 
   def decode(self, x: Array) -> Array:
