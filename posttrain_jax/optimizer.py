@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
@@ -37,3 +39,25 @@ def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
                            weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW + warmup/cosine hyperparameters; decay_steps None means the run length."""
+
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  decay_steps: int | None = None
+  end_learning_rate_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_grad_norm: float | None = 1.0
+
+  def build(self, num_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    schedule = warmup_cosine_schedule(self.learning_rate, self.warmup_steps,
+                                      self.decay_steps or num_steps,
+                                      self.end_learning_rate_ratio)
+    return schedule, adamw(schedule, self.b1, self.b2, self.eps,
+                           self.weight_decay, self.clip_grad_norm)

@@ -1,0 +1,182 @@
+"""Gin at the edge: flags, configurable registration and one-line errors.
+
+Conventions follow t5x: repeatable `--gin_file` (later files override earlier
+ones), `--gin_bindings`, and `--gin.NAME=VALUE` as sugar for the binding
+`NAME = VALUE` (string values need quotes: --gin.RUN_DIR="'runs/x'").
+Included gin files are searched in the repository's `gin/` folder, the current
+directory and `--gin_search_paths`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import sys
+
+import gin
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class ConfigError(Exception):
+  """A configuration problem, reported as one line without a traceback."""
+
+
+@dataclasses.dataclass
+class GinFlags:
+  gin_files: list[str]
+  bindings: list[str]
+  search_paths: list[str]
+  rest: list[str]
+
+
+def parse_flags(argv: Sequence[str]) -> GinFlags:
+  """Splits argv into gin files, bindings, search paths and other arguments."""
+  flags = GinFlags([], [], [], [])
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    name, eq, value = arg.partition("=")
+    if name in ("--gin_file", "--gin_bindings", "--gin_search_paths") and not eq:
+      if i + 1 >= len(args):
+        raise ConfigError(f"{name} needs a value.")
+      i += 1
+      value = args[i]
+    if name == "--gin_file":
+      flags.gin_files.append(value)
+    elif name == "--gin_bindings":
+      flags.bindings.append(value)
+    elif name == "--gin_search_paths":
+      flags.search_paths.extend(p for p in value.split(",") if p)
+    elif name.startswith("--gin."):
+      if not eq:
+        raise ConfigError(f"{arg}: expected --gin.NAME=VALUE.")
+      flags.bindings.append(f"{name[len('--gin.'):]} = {value}")
+    else:
+      flags.rest.append(arg)
+    i += 1
+  return flags
+
+
+def register(fn_or_cls, name: str | None = None):
+  """Registers a plain library function/class with gin; returns the gin wrapper."""
+  return gin.external_configurable(fn_or_cls, name=name, module="posttrain_jax")
+
+
+def _registered() -> dict[str, Callable]:
+  from gin import config as gin_config  # gin exposes no public registry listing
+  out = {}
+  for selector in gin_config._REGISTRY.get_all_matches(""):  # pylint: disable=protected-access
+    configurable = gin_config._REGISTRY[selector]  # pylint: disable=protected-access
+    out[configurable.name] = configurable.wrapped
+  return out
+
+
+def _closest(word: str, options, n: int = 3) -> str:
+  matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+  return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+def _parameters(fn) -> list[str]:
+  target = fn.__init__ if inspect.isclass(fn) else fn
+  try:
+    return [p for p in inspect.signature(target).parameters if p != "self"]
+  except (TypeError, ValueError):
+    return []
+
+
+def explain(error: Exception) -> str:
+  """Turns a gin/Python configuration error into one clear line."""
+  text = str(error)
+  first = text.splitlines()[0] if text else type(error).__name__
+  where = ""
+  m = re.search(r"\n\s+In (?:file \"([^\"]+)\", line (\d+)|bindings string line (\d+))\n\s*(.*)", text)
+  if m:
+    source = f"{m.group(1)}:{m.group(2)}" if m.group(1) else "command line"
+    where = f" (in {source}: `{m.group(4).strip()}`)"
+  registry = _registered()
+  m = re.match(r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'", first)
+  if m:
+    name = m.group(1).split("/")[-1]
+    return f"Unknown configurable '{name}'{where}.{_closest(name, registry)}"
+  m = re.match(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", first)
+  if m:
+    fn = registry.get(m.group(1).split(".")[-1])
+    params = _parameters(fn) if fn else []
+    return (f"Unknown parameter '{m.group(2)}' of '{m.group(1)}'{where}."
+            f"{_closest(m.group(2), params)}")
+  m = re.match(r"([\w./]+)/macro\.value set to `%gin.REQUIRED`", first)
+  if m:
+    macro = m.group(1).split("/")[-1]
+    return (f"Required macro {macro} is not set: add `{macro} = ...` to a gin file "
+            f"or pass --gin.{macro}=VALUE.")
+  m = re.match(r"([\w./]+) set to `%gin.REQUIRED`", first)
+  if m:
+    return (f"Required setting {m.group(1)} is not set: pass "
+            f"--gin.{m.group(1)}=VALUE.")
+  m = re.match(r"No bindings specified for '([\w./]+)/gin.macro'", first)
+  if m:
+    macro = m.group(1).split("/")[-1]
+    return f"Macro %{macro} is used but never defined: add `{macro} = ...` or pass --gin.{macro}=VALUE."
+  m = re.search(r"missing \d+ required (?:keyword-only |positional )?arguments?: (.*)", first)
+  if m:
+    return f"Missing required setting(s) {m.group(1)}{where}: bind them in a gin file or with --gin.NAME=VALUE."
+  if isinstance(error, SyntaxError) or "Failed to parse" in text or "malformed" in first:
+    token = re.search(r"Failed to parse token '([^']*)'", text)
+    hint = " String values need quotes, e.g. --gin.RUN_DIR=\"'runs/x'\"."
+    return (f"Could not parse gin value{where or ''}"
+            f"{': ' + repr(token.group(1)) if token else ''}.{hint}")
+  if isinstance(error, OSError) or "Unable to open file" in text:
+    return f"Gin file not found: {first}"
+  return f"{type(error).__name__}: {first}{where}"
+
+
+def strip_gin_context(text: str) -> str:
+  """Drops the "In call to configurable ..." lines gin appends to exceptions."""
+  return re.split(r"\n\s*In call to configurable", text)[0].strip()
+
+
+def configure(flags: GinFlags) -> None:
+  """Parses gin files then bindings (later wins); raises ConfigError."""
+  for path in [GIN_DIR, os.getcwd(), *flags.search_paths]:
+    gin.add_config_file_search_path(path)
+  for path in flags.gin_files:
+    if not os.path.exists(path) and not any(
+        os.path.exists(os.path.join(d, path)) for d in [GIN_DIR, *flags.search_paths]):
+      raise ConfigError(f"Gin file not found: {path} (searched ., {GIN_DIR}"
+                        f"{', ' + ', '.join(flags.search_paths) if flags.search_paths else ''}).")
+  try:
+    gin.parse_config_files_and_bindings(flags.gin_files, flags.bindings,
+                                        finalize_config=False)
+  except (ValueError, SyntaxError, OSError, TypeError) as e:
+    raise ConfigError(explain(e)) from e
+
+
+def call(fn: Callable, *args, **kwargs):
+  """Calls a gin-configured function, converting configuration errors."""
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, TypeError) as e:
+    text = str(e)
+    if ("%gin.REQUIRED" in text or "No bindings specified" in text
+        or "missing" in text and "required" in text and "argument" in text):
+      raise ConfigError(explain(e)) from e
+    raise
+
+
+def run_main(main: Callable[[Sequence[str]], int | None],
+             argv: Sequence[str] | None = None) -> None:
+  """Runs `main(argv)`; a ConfigError prints one line and exits with status 2."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    code = main(argv)
+  except ConfigError as e:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "posttrain_jax"
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  sys.exit(code or 0)

@@ -1,0 +1,62 @@
+"""Training binary.
+
+  python -m posttrain_jax.main --gin_file=gin/experiments/quickstart.gin \
+      [--gin_file=more.gin] [--gin.NAME=VALUE ...]
+
+Registers the library's plain configuration classes and `train` with gin,
+parses the configuration and runs `posttrain_jax.train.train`. Configuration
+and input errors print one line and exit with status 2 (set
+POSTTRAIN_JAX_TRACEBACK=1 for the full traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Quiet TF/absl before anything imports them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import gin  # pylint: disable=g-import-not-at-top
+
+from posttrain_jax import cli
+from posttrain_jax.data.dataset_config import DatasetConfig
+from posttrain_jax.models import ModelConfig
+from posttrain_jax.optimizer import OptimizerConfig
+from posttrain_jax import train as train_lib
+
+
+def register_configurables():
+  """The names gin files may use; idempotent."""
+  if getattr(register_configurables, "done", False):
+    return
+  cli.register(ModelConfig)
+  cli.register(DatasetConfig)
+  cli.register(OptimizerConfig)
+  cli.register(train_lib.train, name="train")
+  register_configurables.done = True
+
+
+def main(argv) -> int:
+  flags = cli.parse_flags(argv)
+  if flags.rest:
+    raise cli.ConfigError(f"Unknown arguments: {' '.join(flags.rest)}. Use "
+                          "--gin_file=FILE and --gin.NAME=VALUE.")
+  if not flags.gin_files:
+    raise cli.ConfigError("No --gin_file given; try "
+                          "--gin_file=gin/experiments/quickstart.gin.")
+  register_configurables()
+  import posttrain_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers seqio tasks
+  cli.configure(flags)
+  train_fn = gin.get_configurable("posttrain_jax.train")
+  try:
+    cli.call(train_fn, operative_config=gin.config_str())
+  except (ValueError, FileNotFoundError) as e:
+    if os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
+      raise
+    raise cli.ConfigError(cli.strip_gin_context(str(e))) from e
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)

@@ -1,0 +1,87 @@
+"""Training progress: clu metric writers (TensorBoard + log) and a console line.
+
+Device metrics are kept as arrays and fetched only every `log_every` steps, so
+reporting never stalls the asynchronous dispatch of train steps.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from clu import metric_writers
+import jax
+import numpy as np
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class ProgressReporter:
+  """Averages step metrics over a window and writes them every `log_every` steps.
+
+  Scalars written: loss, z_loss, accuracy, grad_norm, learning_rate (window
+  means), tokens_per_sec, steps_per_sec; `history` keeps every step's loss.
+  """
+
+  def __init__(self, log_dir: str, *, total_steps: int, start_step: int,
+               log_every: int = 10, stream=sys.stdout):
+    self.writer = metric_writers.create_default_writer(
+        log_dir, just_logging=jax.process_index() > 0)
+    self.total_steps, self.log_every, self.stream = total_steps, log_every, stream
+    self.history: dict[int, float] = {}
+    self._pending: list[tuple[int, dict]] = []
+    self._last_time, self._last_step = time.perf_counter(), start_step
+
+  def print(self, text: str) -> None:
+    if jax.process_index() == 0:
+      print(text, file=self.stream, flush=True)
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    self.writer.write_texts(step, {name: text})
+
+  def update(self, step: int, metrics: dict) -> None:
+    """Records the metrics of the step that ended at `step` (1-based)."""
+    self._pending.append((step, metrics))
+    if step % self.log_every == 0 or step == self.total_steps:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    fetched = jax.device_get([m for _, m in self._pending])
+    steps = [s for s, _ in self._pending]
+    for s, m in zip(steps, fetched):
+      self.history[s] = float(m["loss"])
+    step = steps[-1]
+    now = time.perf_counter()
+    elapsed = now - self._last_time
+    tokens = float(sum(m["tokens"] for m in fetched))
+    scalars = {k: float(np.mean([m[k] for m in fetched]))
+               for k in fetched[0] if k != "tokens"}
+    scalars["steps_per_sec"] = (step - self._last_step) / max(elapsed, 1e-9)
+    scalars["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+    self.writer.write_scalars(step, scalars)
+    eta = (self.total_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+    width = len(str(self.total_steps))
+    self.print(
+        f"step {step:>{width}}/{self.total_steps} | loss {scalars['loss']:.4f} | "
+        f"acc {scalars['accuracy']:.3f} | lr {scalars['learning_rate']:.2e} | "
+        f"gnorm {scalars['grad_norm']:.3f} | {scalars['tokens_per_sec']:,.0f} tok/s | "
+        f"{scalars['steps_per_sec']:.2f} steps/s | ETA {_duration(eta)}")
+    self._pending.clear()
+    self._last_time, self._last_step = now, step
+
+  def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+    self.writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    self.print(f"eval at step {step}: {shown}")
+
+  def close(self) -> None:
+    self.flush()
+    self.writer.flush()
+    self.writer.close()

@@ -1,0 +1,166 @@
+"""The LM training loop: data -> partitioned step -> metrics -> checkpoints.
+
+`train` takes plain arguments (the binary `posttrain_jax.main` wires them from
+gin). It resumes from the newest checkpoint in `run_dir/checkpoints`, including
+the input pipeline's position, so a preempted run continues exactly where it
+stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from posttrain_jax import partitioning
+from posttrain_jax.checkpointing import Checkpointer
+from posttrain_jax.data.dataset_config import DatasetConfig
+from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.optimizer import OptimizerConfig
+from posttrain_jax.progress import ProgressReporter
+from posttrain_jax.trainer import Trainer
+
+
+@dataclasses.dataclass
+class TrainResult:
+  final_step: int
+  losses: dict[int, float]       # per-step training loss of this invocation
+  eval_metrics: dict[int, dict[str, float]]
+  resumed_from: int | None
+
+
+def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
+  """Rejects token ids outside [0, vocab_size) before they reach the device."""
+  for key in ("decoder_input_tokens", "decoder_target_tokens"):
+    tokens = batch[key]
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+      bad = hi if hi >= vocab_size else lo
+      raise ValueError(
+          f"Input batch '{key}' contains token id {bad}, outside [0, "
+          f"vocab_size={vocab_size}). The data's vocabulary is larger than "
+          "ModelConfig.vocab_size: set ModelConfig.vocab_size to at least "
+          f"{hi + 1} or use the model's vocabulary.")
+
+
+def _process_shard(cfg: DatasetConfig) -> tuple[int, int, int]:
+  count = jax.process_count()
+  if cfg.batch_size % count:
+    raise ValueError(f"Global batch_size {cfg.batch_size} of task "
+                     f"'{cfg.task_name}' is not divisible by {count} processes.")
+  return cfg.batch_size // count, jax.process_index(), count
+
+
+def _train_iterator(cfg: DatasetConfig):
+  from posttrain_jax.data.pipeline import LMBatchIterator  # TF lives in data/
+  batch, index, count = _process_shard(cfg)
+  return LMBatchIterator(task_name=cfg.task_name, split=cfg.split,
+                         sequence_length=cfg.sequence_length, batch_size=batch,
+                         shuffle=cfg.shuffle, seed=cfg.seed, pack=cfg.pack,
+                         num_epochs=cfg.num_epochs, shard_index=index,
+                         num_shards=count)
+
+
+def _eval_batches(cfg: DatasetConfig, max_batches: int | None):
+  from posttrain_jax.data.pipeline import eval_batches
+  batch, index, count = _process_shard(cfg)
+  return list(eval_batches(task_name=cfg.task_name, split=cfg.split,
+                           sequence_length=cfg.sequence_length, batch_size=batch,
+                           max_batches=max_batches, pack=cfg.pack,
+                           shard_index=index, num_shards=count))
+
+
+def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
+  """Token-weighted loss, perplexity and accuracy over a list of batches."""
+  totals = None
+  for local in batches:
+    sums = trainer.eval_sums(params, trainer.shard_batch(local))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  weight = max(float(totals["weight"]), 1.0)
+  loss = float(totals["cross_entropy"]) / weight
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
+          "accuracy": float(totals["correct"]) / weight}
+
+
+def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
+          num_steps: int, optimizer: OptimizerConfig = OptimizerConfig(),
+          eval_data: DatasetConfig | None = None, eval_every: int = 0,
+          eval_batches: int | None = 20,
+          ici_parallelism: Mapping[str, int] | None = None,
+          dcn_parallelism: Mapping[str, int] | None = None,
+          num_microbatches: int = 1, z_loss: float = 0.0, seed: int = 0,
+          checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
+          async_checkpointing: bool = True, log_every: int = 10,
+          operative_config: str | None = None) -> TrainResult:
+  """Trains a decoder LM for `num_steps` optimizer steps.
+
+  Args:
+    model_config: architecture.
+    run_dir: holds `checkpoints/`, TensorBoard events and `config.gin`.
+    train_data / eval_data: input pipelines (global batch sizes).
+    num_steps: total steps of the run (a resumed run counts from its checkpoint).
+    optimizer: AdamW and schedule hyperparameters.
+    eval_every: evaluate every this many steps and at the end (0: only at the end
+      if eval_data is given); eval_batches caps the eval set.
+    ici_parallelism / dcn_parallelism: mesh degrees, see partitioning.create_mesh.
+    num_microbatches: gradient accumulation factor.
+    z_loss: coefficient of the log-partition penalty.
+    checkpoint_every / keep_checkpoints / async_checkpointing: orbax settings;
+      the final step is always saved.
+    operative_config: text of the gin config, saved as run_dir/config.gin and
+      written to TensorBoard.
+  """
+  os.makedirs(run_dir, exist_ok=True)
+  if operative_config and jax.process_index() == 0:
+    with open(os.path.join(run_dir, "config.gin"), "w") as f:
+      f.write(operative_config)
+  mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
+  schedule, tx = optimizer.build(num_steps)
+  trainer = Trainer(Transformer(model_config), tx, schedule, mesh,
+                    num_microbatches=num_microbatches, z_loss=z_loss)
+  checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
+                              save_every_steps=checkpoint_every,
+                              max_to_keep=keep_checkpoints,
+                              async_save=async_checkpointing)
+  data = _train_iterator(train_data)
+  resumed_from = checkpointer.latest_step()
+  if resumed_from is not None:
+    state, data_state = checkpointer.restore(resumed_from, trainer.abstract_state)
+    if "train" in data_state:
+      data.set_state(data_state["train"])
+  else:
+    state = trainer.init_state(jax.random.key(seed))
+  start = int(jax.device_get(state.step))
+
+  reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
+                              log_every=log_every)
+  if operative_config:
+    reporter.write_text(start, "config", operative_config)
+  params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  reporter.print(
+      f"{'resumed from step ' + str(start) if resumed_from is not None else 'initialised'}"
+      f" | {params_count:,} params | mesh {dict(mesh.shape)} | run_dir {run_dir}")
+
+  eval_set = (_eval_batches(eval_data, eval_batches)
+              if eval_data is not None and (eval_every or num_steps > start) else None)
+  eval_metrics = {}
+  try:
+    for step in range(start + 1, num_steps + 1):
+      local = next(data)
+      check_token_ids(local, model_config.vocab_size)
+      state, metrics = trainer.train_step(state, trainer.shard_batch(local))
+      reporter.update(step, metrics)
+      checkpointer.save(step, state, {"train": data.get_state()},
+                        force=step == num_steps)
+      if eval_set and ((eval_every and step % eval_every == 0) or step == num_steps):
+        eval_metrics[step] = evaluate(trainer, state.params, eval_set)
+        reporter.write_eval(step, eval_metrics[step])
+  finally:
+    reporter.close()
+    checkpointer.close()
+  return TrainResult(final_step=max(start, num_steps), losses=dict(reporter.history),
+                     eval_metrics=eval_metrics, resumed_from=resumed_from)
