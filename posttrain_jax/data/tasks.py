@@ -1,7 +1,8 @@
 """seqio Tasks for decoder-only language modelling over plain-text files.
 
-Each line of the files is one example (its text becomes ``"targets"``);
-blank lines are skipped. Importing this module registers ``"pydoc_lm"``
+Each line of the files is one document (its text becomes ``"targets"``);
+blank lines are skipped; documents longer than the sequence length are split
+into consecutive chunks rather than truncated. Importing this module registers ``"pydoc_lm"``
 over the shipped corpus (splits ``"train"`` and ``"validation"``).
 """
 
@@ -39,6 +40,31 @@ def _line_to_targets(line: tf.Tensor) -> dict:
     return {"targets": line}
 
 
+def split_to_sequence_length(dataset: tf.data.Dataset, sequence_length=None,
+                             output_features=None) -> tf.data.Dataset:
+    """Splits each tokenized "targets" into consecutive chunks of at most the
+    target feature length, so long documents are kept whole instead of trimmed.
+
+    Runs after EOS is appended; only a document's last chunk ends with EOS.
+    Without a sequence length (e.g. ``task.get_dataset(None)``) it is a no-op.
+    """
+    del output_features
+    if not sequence_length or not sequence_length.get("targets"):
+        return dataset
+    length = int(sequence_length["targets"])
+
+    def chunks(ex):
+        tokens = ex["targets"]
+        n = tf.shape(tokens, out_type=tf.int64)[0]
+        q, r = n // length, n % length
+        row_lengths = tf.concat(
+            [tf.fill([q], tf.constant(length, tf.int64)), tf.boolean_mask([r], [r > 0])], 0)
+        pieces = tf.RaggedTensor.from_row_lengths(tokens, row_lengths)
+        return tf.data.Dataset.from_tensor_slices({"targets": pieces})
+
+    return dataset.flat_map(chunks)
+
+
 def register_text_lm_task(
     name: str,
     split_to_filepattern: Mapping[str, FilePattern],
@@ -69,7 +95,8 @@ def register_text_lm_task(
             _line_to_targets,
             _tokenize,
             seqio.CacheDatasetPlaceholder(),
-            seqio.preprocessors.append_eos_after_trim,
+            seqio.preprocessors.append_eos,
+            split_to_sequence_length,
         ],
         output_features={
             "targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32),

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import seqio
 
-from posttrain_jax.data.pipeline import MODEL_FEATURE_KEYS, LMBatchIterator, eval_batches
+from posttrain_jax.data.pipeline import (MODEL_FEATURE_KEYS, LMBatchIterator, build_dataset,
+                                        eval_batches)
 from posttrain_jax.data.tasks import register_text_lm_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -196,15 +197,25 @@ def test_finite_iterator_ends_with_stop_iteration():
     kw = dict(task_name="pydoc_lm", split="validation", sequence_length=64, batch_size=16,
               shuffle=False, num_epochs=1, pack=False)
     batches = list(LMBatchIterator(**kw))
-    assert len(batches) == 103 // 16  # 103 validation lines, remainder dropped
+    assert len(batches) == _num_validation_chunks(64) // 16  # remainder dropped
+
+
+def _num_validation_chunks(length):
+    """Examples of the validation split: lines, with long ones split into chunks."""
+    n = sum(1 for _ in build_dataset(task_name="pydoc_lm", split="validation",
+                                     sequence_length=length, shuffle=False, seed=0,
+                                     num_epochs=1, pack=False))
+    assert n > 103  # more chunks than the 103 validation lines
+    return n
 
 
 def test_eval_batches_cover_everything_deterministically():
     kw = dict(task_name="pydoc_lm", split="validation", sequence_length=64, batch_size=16,
               pack=False)
     batches = eval_batches(**kw)
-    assert len(batches) == -(-103 // 16)
+    n = _num_validation_chunks(64)
+    assert len(batches) == -(-n // 16)
     rows = sum(int((b["decoder_loss_weights"].sum(1) > 0).sum()) for b in batches)
-    assert rows == 103
+    assert rows == n
     assert all(v.shape == (16, 64) for b in batches for v in b.values())
     _assert_batches_equal(eval_batches(**kw, max_batches=2), batches[:2])

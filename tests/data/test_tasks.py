@@ -29,9 +29,27 @@ def test_pydoc_lm_examples_are_valid_in_both_splits():
         for ids in examples:
             assert ids.dtype == np.int32 and 2 <= len(ids) <= 128
             assert ids.max() < vocab.vocab_size and ids.min() > 0
-            assert ids[-1] == vocab.eos_id
+        # documents end with EOS; only their last chunk carries it
+        assert any(ids[-1] == vocab.eos_id for ids in examples)
         text = vocab.decode(examples[0].tolist())
         assert len(text) > 20 and " " in text
+
+
+def test_long_documents_are_split_not_truncated():
+    vocab = get_vocabulary()
+    chunks = _examples("pydoc_lm", "validation", 200, length=16)
+    assert all(len(c) <= 16 for c in chunks)
+    # regroup chunks into documents at each EOS and compare with the text
+    task = seqio.get_mixture_or_task("pydoc_lm")
+    lines = task.source.get_dataset(split="validation").as_numpy_iterator()
+    docs = [line for line in lines if line.strip()][:5]
+    flat = np.concatenate(chunks)
+    ends = np.flatnonzero(flat == vocab.eos_id)
+    start = 0
+    for doc, end in zip(docs, ends[:5]):
+        expected = vocab.encode(doc.decode("utf-8")) + [vocab.eos_id]
+        assert flat[start:end + 1].tolist() == expected
+        start = end + 1
 
 
 def test_registration_is_idempotent():
