@@ -58,8 +58,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every_steps, max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE, DATA))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -77,8 +79,8 @@ class Checkpointer:
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs)."""
     step_dir = os.path.join(self.directory, str(step))
-    saved = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, STATE))
-    check_compatible(saved.item_metadata.tree, abstract_state, step_dir)
+    saved = self._manager.item_metadata(step)[STATE]
+    check_compatible(saved, abstract_state, step_dir)
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state),
         DATA: ocp.args.JsonRestore()}))

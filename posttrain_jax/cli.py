@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import difflib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -150,11 +151,17 @@ def configure(flags: GinFlags) -> None:
         os.path.exists(os.path.join(d, path)) for d in [GIN_DIR, *flags.search_paths]):
       raise ConfigError(f"Gin file not found: {path} (searched ., {GIN_DIR}"
                         f"{', ' + ', '.join(flags.search_paths) if flags.search_paths else ''}).")
+  # gin's package-path reader logs "Path not found" for every include it then
+  # finds through the search paths; those lines are noise, not errors.
+  quiet = lambda record: not record.getMessage().startswith("Path not found")
+  logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(flags.gin_files, flags.bindings,
                                         finalize_config=False)
   except (ValueError, SyntaxError, OSError, TypeError) as e:
     raise ConfigError(explain(e)) from e
+  finally:
+    logging.getLogger().removeFilter(quiet)
 
 
 def call(fn: Callable, *args, **kwargs):

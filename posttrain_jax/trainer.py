@@ -87,7 +87,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       "loss": sums["cross_entropy"] / weight,
       "z_loss": sums["z_loss"] / weight,
       "accuracy": sums["correct"] / weight,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
       "tokens": sums["weight"],
   }
