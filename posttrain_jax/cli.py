@@ -71,11 +71,8 @@ def register(fn_or_cls, name: str | None = None):
 
 def _registered() -> dict[str, Callable]:
   from gin import config as gin_config  # gin exposes no public registry listing
-  out = {}
-  for selector in gin_config._REGISTRY.get_all_matches(""):  # pylint: disable=protected-access
-    configurable = gin_config._REGISTRY[selector]  # pylint: disable=protected-access
-    out[configurable.name] = configurable.wrapped
-  return out
+  return {c.name: c.wrapped
+          for _, c in gin_config._REGISTRY.items()}  # pylint: disable=protected-access
 
 
 def _closest(word: str, options, n: int = 3) -> str:

@@ -142,5 +142,15 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                  rules=DEFAULT_RULES) -> dict[str, jax.Array]:
   """Assembles this process's rows into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh, rules)
+  axes = sharding.spec[0] or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  for key, value in local_batch.items():
+    rows = value.shape[0] * jax.process_count()
+    if rows % shards:
+      raise ValueError(
+          f"Global batch size {rows} ('{key}') is not divisible by the {shards} "
+          f"batch shards of the mesh ({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}); "
+          "change the batch size or the mesh's data/fsdp degrees.")
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

@@ -79,7 +79,8 @@ class ModelConfig:
     if bad or not self.attention_pattern:
       problems.append(f"attention_pattern entries must be in {ATTENTION_TYPES}, "
                       f"got {self.attention_pattern}")
-    if "local" in self.attention_pattern and not self.sliding_window_size:
+    if "local" in self.attention_pattern and not (
+        self.sliding_window_size and self.sliding_window_size > 0):
       problems.append("local layers need a positive sliding_window_size")
     if self.query_scaling not in QUERY_SCALINGS:
       problems.append(f"query_scaling must be one of {QUERY_SCALINGS}, got "

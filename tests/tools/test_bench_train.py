@@ -1,0 +1,106 @@
+"""tools/bench_train.py: synthetic-token train-step benchmark, run as a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "bench_train.py")
+SMALL = ["--batch_size=4", "--seq_len=32", "--steps=3", "--warmup=1"]
+
+
+def _run(args, devices=1, prelude=""):
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if prelude:  # run the tool through runpy after `prelude` (e.g. hiding gin)
+    code = (f"import runpy, sys; {prelude}; sys.argv = {[TOOL, *args]!r}; "
+            f"runpy.run_path({TOOL!r}, run_name='__main__')")
+    cmd = [sys.executable, "-c", code]
+  else:
+    cmd = [sys.executable, TOOL, *args]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def _json_row(proc):
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1, proc.stdout
+  return json.loads(lines[0])
+
+
+def test_tiny_gin_json_row_without_tensorflow():
+  proc = _run(["--gin_file=gin/models/gemma2_tiny.gin",
+               "--gin.ModelConfig.num_layers=2", *SMALL, "--json"])
+  row = _json_row(proc)
+  assert row["tokens_per_s"] > 0 and row["step_ms"] > 0
+  assert row["compile_s"] > 0
+  assert row["model_tflops_per_device"] > 0
+  assert row["backend"] == "cpu" and row["devices"] == 1
+  assert row["mfu_percent"] is None  # no known peak for CPU
+  assert row["peak_memory_source"] == "host RSS" and row["peak_memory_bytes"] > 0
+  assert row["model"] == "tiny*"
+  assert row["batch_size"] == 4 and row["seq_len"] == 32 and row["steps"] == 3
+  # tiny with 2 layers: embedding 2048*128 + 2 layers + final norm.
+  per_layer = 128 * 32 * (2 * 4 + 2 * 2) + 3 * 128 * 512 + 4 * 128
+  assert row["params"] == 2048 * 128 + 2 * per_layer + 128
+  assert 0 < row["loss"] < 20
+  assert row["tensorflow_imported"] is False
+  assert row["seqio_imported"] is False
+
+
+def test_preset_without_gin_two_devices_fsdp_table():
+  # gin hidden: --model must work from the literal gin-file reader alone.
+  proc = _run(["--model=tiny", *SMALL, "--ici=fsdp=-1", "--num_microbatches=2",
+               "--remat=full", "--peak_tflops=1.0"],
+              devices=2, prelude="sys.modules['gin'] = None")
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 3, proc.stdout
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  row = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+  for col in ("backend", "devices", "device kind", "model", "params", "batch x seq",
+              "tokens/s", "step ms", "model TFLOP/s/dev", "MFU", "peak mem",
+              "compile s"):
+    assert col in row, header
+  assert set(lines[1]) <= set("|-")
+  assert row["devices"] == "2" and row["mesh"] == "fsdp=2"
+  assert row["model"] == "tiny" and row["batch x seq"] == "4 x 32"
+  assert float(row["tokens/s"].replace(",", "")) > 0
+  assert float(row["step ms"]) > 0
+  assert row["MFU"].endswith("%")
+  assert "host RSS" in row["peak mem"]
+
+
+def test_literal_reader_matches_gin_for_every_preset():
+  code = f"""
+import dataclasses, runpy, sys
+mod = runpy.run_path({TOOL!r})
+import gin
+from posttrain_jax import cli
+from posttrain_jax.models import ModelConfig
+configurable = cli.register(ModelConfig)
+for name in ("tiny", "2b", "9b", "27b"):
+  gin.clear_config()
+  path = mod["model_gin_path"](name)
+  cli.configure(cli.parse_flags(["--gin_file=" + path]))
+  assert mod["read_model_gin"](path) and ModelConfig(**mod["read_model_gin"](path)) == configurable(), name
+print("ok")
+"""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "ok"
+
+
+def test_config_errors_exit_2_with_one_line():
+  for args, needle in ((["--model=nope"], "presets"),
+                       (["--model=tiny", "--ici=bogus=2"], "--ici"),
+                       (["--model=tiny", "--remat=dots", "--dtype=notadtype"], "dtype")):
+    proc = _run(args)
+    assert proc.returncode == 2, (args, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)

@@ -1,0 +1,465 @@
+"""Train-step throughput benchmark on synthetic tokens.
+
+  python tools/bench_train.py --model=tiny --batch_size=8 --seq_len=512
+  python tools/bench_train.py --gin_file=gin/models/gemma2_2b.gin \
+      --gin.ModelConfig.num_layers=2 --batch_size=4 --seq_len=2048 \
+      --ici=fsdp=-1 --remat=full --steps=10 --warmup=2 [--json]
+
+Builds a `Trainer` (AdamW, default OptimizerConfig) on a mesh over all
+devices, compiles the train step ahead of time (lower + compile, timed as
+"compile s"), runs `--warmup` steps, then times `--steps` steps on
+pre-sharded random-token batches (numpy; no TensorFlow/seqio) and blocks on
+the final state and metrics. Prints a markdown table with one row, or with
+`--json` the row as one JSON line:
+
+  tokens/s        global tokens (batch x seq) per second
+  step ms         wall time per optimizer step
+  model TFLOP/s   ModelConfig.flops_per_token(seq_len) x tokens/s / devices
+                  (per device; 6N + causal attention, no remat recompute)
+  MFU             model TFLOP/s / peak, peak from --peak_tflops or a table of
+                  dense bf16 peaks by device kind; "n/a" when unknown (CPU)
+  peak mem        max over devices of memory_stats()["peak_bytes_in_use"], or
+                  the process's max RSS ("host RSS") where devices report none
+
+The model comes from `--model=NAME` (tiny, 2b, 9b, 27b or a .gin path), read
+by a literal parser of `ModelConfig.FIELD = VALUE` lines that needs no gin, or
+from `--gin_file` / `--gin.ModelConfig.FIELD=VALUE` (needs gin-config; with
+both, the preset is the first gin file). `--remat`, `--dtype`,
+`--param_dtype` and `--scan_layers` override the model's settings.
+Configuration errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posttrain_jax import partitioning
+from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models.config import REMAT_POLICIES
+from posttrain_jax.optimizer import OptimizerConfig
+from posttrain_jax.trainer import Trainer
+
+try:  # gin-config is optional: --model works without it.
+  from posttrain_jax import cli
+except ImportError:  # pragma: no cover - exercised on machines without gin
+  cli = None
+
+GIN_MODELS_DIR = os.path.join(_REPO, "gin", "models")
+
+if cli is not None:
+  ConfigError = cli.ConfigError
+else:
+  class ConfigError(Exception):
+    """A configuration problem, reported as one line without a traceback."""
+
+# Dense bf16 peak TFLOP/s per device (vendor spec sheets, without sparsity).
+# Matched as lower-case substrings of device_kind, first match wins.
+PEAK_TFLOPS = (
+    ("gh200", 989.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),
+    ("a100", 312.0),
+    ("l4", 121.0),
+    ("tpu v6 lite", 918.0),
+    ("tpu v6e", 918.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),
+    ("tpu v4", 275.0),
+)
+
+
+def peak_tflops_for(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  for pattern, tflops in PEAK_TFLOPS:
+    if pattern in kind:
+      return tflops
+  return None
+
+
+# ---------------------------------------------------------------------------
+# Configuration.
+
+def _split_flags(argv):
+  """(gin_files, bindings, search_paths, rest); uses cli.parse_flags if gin exists."""
+  if cli is not None:
+    flags = cli.parse_flags(argv)
+    return flags
+  rest = []
+  for arg in argv:
+    if arg.startswith("--gin"):
+      raise ConfigError(f"{arg}: gin-config is not installed; use --model=NAME "
+                        "(tiny, 2b, 9b, 27b or a .gin path) and the override flags.")
+    rest.append(arg)
+  return argparse.Namespace(gin_files=[], bindings=[], search_paths=[], rest=rest)
+
+
+def model_gin_path(name: str) -> str:
+  if name.endswith(".gin"):
+    if not os.path.exists(name):
+      raise ConfigError(f"Model gin file not found: {name}.")
+    return name
+  path = os.path.join(GIN_MODELS_DIR, f"gemma2_{name}.gin")
+  if not os.path.exists(path):
+    presets = sorted(f[len("gemma2_"):-len(".gin")] for f in os.listdir(GIN_MODELS_DIR)
+                     if f.startswith("gemma2_") and f.endswith(".gin"))
+    raise ConfigError(f"Unknown --model {name!r}; presets: {', '.join(presets)} "
+                      "(or a .gin path).")
+  return path
+
+
+def _suggest(word, options) -> str:
+  close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+  return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def read_model_gin(path: str) -> dict:
+  """`ModelConfig.FIELD = <python literal>` lines of a gin file, without gin.
+
+  Comments, blank lines and values spanning lines inside brackets are
+  handled; anything else (includes, macros, references, other configurables)
+  is an error naming the line.
+  """
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  kwargs = {}
+  pending, start = "", 0
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for lineno, raw in enumerate(lines, 1):
+    line = raw if pending else raw.strip()
+    if not pending and (not line or line.startswith("#")):
+      continue
+    text = pending + "\n" + line if pending else line
+    start = start if pending else lineno
+    m = re.match(r"^ModelConfig\.(\w+)\s*=\s*(.+)$", text, re.S)
+    if not m:
+      raise ConfigError(f"{path}:{lineno}: expected `ModelConfig.FIELD = VALUE` "
+                        f"(a Python literal) without gin, got `{raw.strip()}`.")
+    value = _literal(m.group(2))
+    if value is _INCOMPLETE:
+      pending = text
+      continue
+    pending = ""
+    name = m.group(1)
+    if value is _INVALID:
+      raise ConfigError(f"{path}:{start}: `{m.group(2).strip()}` is not a Python "
+                        "literal; use --gin_file (needs gin-config) for gin syntax.")
+    if name not in fields:
+      raise ConfigError(f"{path}:{start}: ModelConfig has no field '{name}'."
+                        f"{_suggest(name, fields)}")
+    kwargs[name] = value
+  if pending:
+    raise ConfigError(f"{path}:{start}: unterminated value `{pending.strip()}`.")
+  return kwargs
+
+
+_INCOMPLETE, _INVALID = object(), object()
+
+
+def _literal(text: str):
+  candidates = [text]
+  if "#" in text:  # trailing comment (model gin values hold no '#')
+    candidates.append("\n".join(l.split("#")[0] for l in text.splitlines()))
+  for candidate in candidates:
+    try:
+      return ast.literal_eval(candidate.strip())
+    except (ValueError, SyntaxError):
+      pass
+  stripped = candidates[-1]
+  depth = sum(stripped.count(c) for c in "([{") - sum(stripped.count(c) for c in ")]}")
+  return _INCOMPLETE if depth > 0 else _INVALID
+
+
+def _gin_model_config(flags) -> ModelConfig:
+  configurable = cli.register(ModelConfig)
+  try:
+    cli.configure(flags)
+  except cli.ConfigError as e:
+    message = str(e)
+    m = re.match(r"Unknown parameter '(\w+)' of '[\w.]*ModelConfig'", message)
+    if m and "Did you mean" not in message:
+      message += _suggest(m.group(1), [f.name for f in dataclasses.fields(ModelConfig)])
+    raise ConfigError(message) from e
+  return cli.call(configurable)
+
+
+def build_model_config(args, flags) -> tuple[ModelConfig, str]:
+  """ModelConfig and a display name from --model / gin flags / overrides."""
+  use_gin = bool(flags.gin_files or flags.bindings)
+  name = args.model or ("tiny" if not use_gin else "")
+  try:
+    if use_gin:
+      if args.model:
+        flags.gin_files.insert(0, model_gin_path(args.model))
+      if not flags.gin_files:
+        raise ConfigError("--gin bindings need a model: add --model=NAME or "
+                          "--gin_file=gin/models/gemma2_NAME.gin.")
+      cfg = _gin_model_config(flags)
+      name = "+".join(os.path.splitext(os.path.basename(f))[0].replace("gemma2_", "")
+                      for f in flags.gin_files)
+      if flags.bindings:
+        name += "*"  # modified by bindings
+    else:
+      cfg = ModelConfig(**read_model_gin(model_gin_path(name)))
+      name = os.path.splitext(os.path.basename(name))[0].replace("gemma2_", "")
+    overrides = {k: v for k, v in (("remat_policy", args.remat), ("dtype", args.dtype),
+                                   ("param_dtype", args.param_dtype),
+                                   ("scan_layers", args.scan_layers)) if v is not None}
+    if overrides:
+      cfg = dataclasses.replace(cfg, **overrides)
+  except (ValueError, TypeError) as e:
+    text = str(e)
+    if cli is not None:
+      text = cli.strip_gin_context(text)
+    raise ConfigError(text) from e
+  return cfg, name
+
+
+def parse_parallelism(text: str, flag: str) -> dict[str, int]:
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    axis, eq, degree = part.partition("=")
+    if not eq or axis.strip() not in partitioning.MESH_AXES:
+      raise ConfigError(f"--{flag}: expected AXIS=DEGREE with AXIS in "
+                        f"{', '.join(partitioning.MESH_AXES)}, got {part!r}.")
+    try:
+      out[axis.strip()] = int(degree)
+    except ValueError:
+      raise ConfigError(f"--{flag}: degree of {axis} must be an integer, got "
+                        f"{degree!r}.") from None
+  return out
+
+
+def _bool(text: str) -> bool:
+  if text.lower() in ("1", "true", "yes"):
+    return True
+  if text.lower() in ("0", "false", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_args(rest):
+  p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.split("\n")[0])
+  p.add_argument("--model", default=None,
+                 help="preset (tiny, 2b, 9b, 27b) or a model .gin path; default tiny")
+  p.add_argument("--batch_size", type=int, default=8, help="global batch (sequences)")
+  p.add_argument("--seq_len", type=int, default=512)
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+  p.add_argument("--num_microbatches", type=int, default=1)
+  p.add_argument("--ici", default="data=-1,fsdp=1,tensor=1",
+                 help="ICI degrees, e.g. 'fsdp=-1,tensor=2' (one axis may be -1)")
+  p.add_argument("--dcn", default="", help="DCN degrees, e.g. 'replica=2'")
+  p.add_argument("--remat", choices=REMAT_POLICIES, default=None,
+                 help="override ModelConfig.remat_policy")
+  p.add_argument("--dtype", default=None, help="override compute dtype, e.g. bfloat16")
+  p.add_argument("--param_dtype", default=None, help="override parameter dtype")
+  p.add_argument("--scan_layers", type=_bool, default=None,
+                 help="override ModelConfig.scan_layers (true/false)")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="peak TFLOP/s per device for MFU (default: by device kind)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", action="store_true", help="print the row as one JSON line")
+  args = p.parse_args(rest)
+  for name in ("batch_size", "seq_len", "steps", "num_microbatches"):
+    if getattr(args, name) <= 0:
+      raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}.")
+  if args.warmup < 0:
+    raise ConfigError(f"--warmup must be >= 0, got {args.warmup}.")
+  return args
+
+
+# ---------------------------------------------------------------------------
+# Measurement.
+
+def synthetic_batch(rng: np.random.Generator, rows: int, seq_len: int, vocab: int):
+  tokens = rng.integers(0, vocab, size=(rows, seq_len + 1), dtype=np.int32)
+  return {
+      "decoder_input_tokens": tokens[:, :-1],
+      "decoder_target_tokens": tokens[:, 1:],
+      "decoder_loss_weights": np.ones((rows, seq_len), np.float32),
+  }
+
+
+def peak_memory() -> tuple[int | None, str]:
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except  # not supported
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  if peaks:
+    return max(peaks), "device"
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(rss if sys.platform == "darwin" else rss * 1024), "host RSS"
+
+
+def benchmark(args, cfg: ModelConfig, model_name: str) -> dict:
+  mesh = partitioning.create_mesh(parse_parallelism(args.ici, "ici"),
+                                  parse_parallelism(args.dcn, "dcn"))
+  dp = math.prod(mesh.shape[a] for a in ("replica", "data", "fsdp"))
+  if args.batch_size % (dp * args.num_microbatches):
+    raise ConfigError(
+        f"--batch_size {args.batch_size} must be divisible by the data-parallel "
+        f"degree ({dp}) x --num_microbatches ({args.num_microbatches}).")
+  if args.batch_size % jax.process_count():
+    raise ConfigError(f"--batch_size {args.batch_size} must be divisible by the "
+                      f"{jax.process_count()} processes.")
+  schedule, tx = OptimizerConfig().build(args.warmup + args.steps)
+  trainer = Trainer(Transformer(cfg), tx, schedule, mesh,
+                    num_microbatches=args.num_microbatches)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+
+  abstract_batch = {
+      k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dtype,
+                              sharding=trainer.batch_sharding)
+      for k, dtype in (("decoder_input_tokens", jnp.int32),
+                       ("decoder_target_tokens", jnp.int32),
+                       ("decoder_loss_weights", jnp.float32))}
+  t0 = time.perf_counter()
+  compiled = trainer.lower_train_step(trainer.abstract_state, abstract_batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  state = trainer.init_state(jax.random.key(args.seed))
+  rng = np.random.default_rng(args.seed + jax.process_index())
+  rows = args.batch_size // jax.process_count()
+  batches = [trainer.shard_batch(synthetic_batch(rng, rows, args.seq_len, cfg.vocab_size))
+             for _ in range(2)]
+  jax.block_until_ready((state, batches))
+
+  metrics = None
+  for i in range(args.warmup):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for i in range(args.steps):
+    state, metrics = compiled(state, batches[i % 2])
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+
+  devices = jax.devices()
+  tokens_per_s = args.batch_size * args.seq_len * args.steps / elapsed
+  tflops = cfg.flops_per_token(args.seq_len) * tokens_per_s / len(devices) / 1e12
+  kind = devices[0].device_kind
+  peak = args.peak_tflops if args.peak_tflops else peak_tflops_for(kind)
+  mem, mem_source = peak_memory()
+  return {
+      "backend": jax.default_backend(),
+      "devices": len(devices),
+      "device_kind": kind,
+      "mesh": {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1},
+      "model": model_name,
+      "params": num_params,
+      "dtype": cfg.dtype,
+      "param_dtype": cfg.param_dtype,
+      "remat": cfg.remat_policy,
+      "scan_layers": cfg.scan_layers,
+      "batch_size": args.batch_size,
+      "seq_len": args.seq_len,
+      "num_microbatches": args.num_microbatches,
+      "steps": args.steps,
+      "warmup": args.warmup,
+      "tokens_per_s": tokens_per_s,
+      "step_ms": elapsed / args.steps * 1e3,
+      "flops_per_token": cfg.flops_per_token(args.seq_len),
+      "model_tflops_per_device": tflops,
+      "peak_tflops": peak,
+      "mfu_percent": 100.0 * tflops / peak if peak else None,
+      "peak_memory_bytes": mem,
+      "peak_memory_source": mem_source,
+      "compile_s": compile_s,
+      "loss": float(metrics["loss"]),
+      "jax_version": jax.__version__,
+      "tensorflow_imported": "tensorflow" in sys.modules,
+      "seqio_imported": "seqio" in sys.modules,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Output.
+
+def _human(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return str(int(n))
+
+
+def table(row: dict) -> str:
+  mfu = "n/a" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"
+  mem = row["peak_memory_bytes"]
+  mem = "n/a" if mem is None else f"{mem / 2**30:.2f} GiB ({row['peak_memory_source']})"
+  cells = [
+      ("backend", row["backend"]),
+      ("devices", str(row["devices"])),
+      ("device kind", row["device_kind"]),
+      ("mesh", ",".join(f"{k}={v}" for k, v in row["mesh"].items())),
+      ("model", row["model"]),
+      ("params", _human(row["params"])),
+      ("batch x seq", f"{row['batch_size']} x {row['seq_len']}"),
+      ("tokens/s", f"{row['tokens_per_s']:,.0f}"),
+      ("step ms", f"{row['step_ms']:.1f}"),
+      ("model TFLOP/s/dev", f"{row['model_tflops_per_device']:.3f}"),
+      ("MFU", mfu),
+      ("peak mem", mem),
+      ("compile s", f"{row['compile_s']:.1f}"),
+  ]
+  widths = [max(len(h), len(v)) for h, v in cells]
+  line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
+  return "\n".join([line([h for h, _ in cells]),
+                    "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                    line([v for _, v in cells])])
+
+
+def main(argv) -> int:
+  flags = _split_flags(argv)
+  args = parse_args(flags.rest)
+  if (flags.gin_files or flags.bindings) and cli is None:
+    raise ConfigError("gin-config is not installed; use --model=NAME.")
+  cfg, name = build_model_config(args, flags)
+  try:
+    row = benchmark(args, cfg, name)
+  except ValueError as e:
+    if "Invalid ModelConfig" in str(e) or "parallelism" in str(e):
+      raise ConfigError(str(e)) from e
+    raise
+  print(json.dumps(row) if args.json else table(row), flush=True)
+  return 0
+
+
+def _run_main(argv=None):
+  if cli is not None:
+    return cli.run_main(main, argv)
+  try:
+    code = main(sys.argv[1:] if argv is None else argv)
+  except ConfigError as e:
+    print(f"bench_train.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+  _run_main()
