@@ -19,6 +19,8 @@ import re
 import sys
 
 import gin
+from gin import config as gin_config_lib
+from gin import config_parser
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -70,9 +72,9 @@ def register(fn_or_cls, name: str | None = None):
 
 
 def _registered() -> dict[str, Callable]:
-  from gin import config as gin_config  # gin exposes no public registry listing
+  # gin exposes no public listing of its registry
   return {c.name: c.wrapped
-          for _, c in gin_config._REGISTRY.items()}  # pylint: disable=protected-access
+          for _, c in gin_config_lib._REGISTRY.items()}  # pylint: disable=protected-access
 
 
 def _closest(word: str, options, n: int = 3) -> str:
@@ -127,8 +129,11 @@ def explain(error: Exception) -> str:
   if isinstance(error, SyntaxError) or "Failed to parse" in text or "malformed" in first:
     token = re.search(r"Failed to parse token '([^']*)'", text)
     hint = " String values need quotes, e.g. --gin.RUN_DIR=\"'runs/x'\"."
-    return (f"Could not parse gin value{where or ''}"
-            f"{': ' + repr(token.group(1)) if token else ''}.{hint}")
+    location = ""
+    if getattr(error, "filename", None) and error.filename != "<string>":
+      location = f" (in {error.filename}:{error.lineno})"
+    return (f"invalid value{where or location}"
+            f"{' at ' + repr(token.group(1)) if token else ''}.{hint}")
   if isinstance(error, OSError) or "Unable to open file" in text:
     return f"Gin file not found: {first}"
   return f"{type(error).__name__}: {first}{where}"
@@ -150,11 +155,20 @@ def configure(flags: GinFlags) -> None:
                         f"{', ' + ', '.join(flags.search_paths) if flags.search_paths else ''}).")
   # gin's package-path reader logs "Path not found" for every include it then
   # finds through the search paths; those lines are noise, not errors.
+  for binding in flags.bindings:
+    try:  # syntax only: nothing is bound yet
+      list(config_parser.ConfigParser(
+          binding, gin_config_lib.ParserDelegate(skip_unknown=True)))
+    except SyntaxError as e:
+      raise ConfigError(
+          f"Could not parse the binding `{binding}`: {explain(e)}") from e
   quiet = lambda record: not record.getMessage().startswith("Path not found")
   logging.getLogger().addFilter(quiet)
   try:
+    # Finalizing runs gin's checks for unset %gin.REQUIRED values and unknown
+    # references now, before any work starts.
     gin.parse_config_files_and_bindings(flags.gin_files, flags.bindings,
-                                        finalize_config=False)
+                                        finalize_config=True)
   except (ValueError, SyntaxError, OSError, TypeError) as e:
     raise ConfigError(explain(e)) from e
   finally:
@@ -180,7 +194,9 @@ def run_main(main: Callable[[Sequence[str]], int | None],
   try:
     code = main(argv)
   except ConfigError as e:
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "posttrain_jax"
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if prog in ("", "main.py", "__main__.py", "-c"):
+      prog = "posttrain_jax"
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(2)
   sys.exit(code or 0)

@@ -46,8 +46,8 @@ def main(argv) -> int:
     raise cli.ConfigError("No --gin_file given; try "
                           "--gin_file=gin/experiments/quickstart.gin.")
   register_configurables()
-  import posttrain_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers seqio tasks
   cli.configure(flags)
+  import posttrain_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers seqio tasks
   train_fn = gin.get_configurable("posttrain_jax.train")
   try:
     cli.call(train_fn, operative_config=gin.config_str())

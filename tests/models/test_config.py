@@ -140,7 +140,12 @@ def test_defaults_follow_gemma2():
     (dict(num_layers=3, scan_layers=True), r"scan_layers needs num_layers \(3\)"),
     (dict(attention_pattern=("local", "sliding")), "attention_pattern entries"),
     (dict(attention_pattern=()), "attention_pattern entries"),
-    (dict(sliding_window_size=None), "sliding_window_size"),
+    (dict(sliding_window_size=None), "positive sliding_window_size"),
+    (dict(sliding_window_size=0), "positive sliding_window_size"),
+    # A negative window would mask every key of every query in local layers,
+    # and the softmax over a fully masked row is uniform over all keys,
+    # including future ones (a silent causality leak).
+    (dict(sliding_window_size=-1), "positive sliding_window_size"),
     (dict(query_scaling="sqrt_d"), "query_scaling must be one of"),
     (dict(embed_dim=0), "embed_dim must be positive"),
     (dict(dtype="floaty"), "dtype 'floaty' is not a dtype name"),

@@ -16,7 +16,7 @@ VOCAB = 32
 
 
 def tiny_config(**overrides):
-  kwargs = dict(vocab_size=VOCAB, embed_dim=16, num_layers=4, num_heads=4,
+  kwargs = dict(vocab_size=VOCAB, embed_dim=16, num_layers=2, num_heads=4,
                 num_kv_heads=2, head_dim=8, mlp_dim=24, sliding_window_size=3)
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
@@ -105,9 +105,17 @@ def test_real_init_forward_shapes_and_dtypes(scan_layers):
   cfg = tiny_config(scan_layers=scan_layers)
   tokens = random_tokens(0, (2, 5))
   model = Transformer(cfg)
-  variables = jax.jit(model.init)(jax.random.key(0), tokens)
+  # rbg keys: the default threefry PRNG is slow to compile on CPU.
+  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), tokens)
   for leaf in jax.tree_util.tree_leaves(nn.unbox(variables)):
     assert leaf.dtype == jnp.float32
+  # Logical axis names survive (scanned layers gain a leading "layers" axis).
+  specs = nn.get_partition_spec(variables)["params"]
+  q_spec = (specs["layers"]["local_0"]["attn"]["q"] if scan_layers
+            else specs["layer_0"]["attn"]["q"])
+  assert tuple(q_spec) == (("layers",) if scan_layers else ()) + (
+      "embed", "heads", "kv")
+  assert tuple(specs["embedder"]["embedding"]) == ("vocab", "embed")
   logits, hidden = forward(cfg, variables, tokens, return_hidden=True)
   assert logits.shape == (2, 5, VOCAB) and logits.dtype == np.float32
   assert hidden.shape == (2, 5, 16)
@@ -128,20 +136,11 @@ def test_model_embedding_lookup_scaled_by_sqrt_d():
   np.testing.assert_allclose(out, table[tokens] * np.sqrt(16.0), rtol=1e-6)
 
 
-def test_default_positions_equal_arange():
-  cfg = tiny_config()
-  params = random_params(cfg)
-  tokens = random_tokens(2, (2, 6))
-  pos = np.broadcast_to(np.arange(6, dtype=np.int32), (2, 6))
-  np.testing.assert_array_equal(forward(cfg, params, tokens),
-                                forward(cfg, params, tokens, pos))
-
-
 # ------------------------------------------------------------------ final soft-cap
 
 
 def test_final_logit_soft_cap_bounds_logits_with_huge_weights():
-  cfg = tiny_config(num_layers=2)
+  cfg = tiny_config()
   params = random_params(cfg, seed=3, weight_scale=50.0)
   params["params"]["embedder"]["embedding"] *= 1e3
   params["params"]["final_norm"]["scale"] += 100.0
@@ -158,8 +157,8 @@ def test_final_logit_soft_cap_bounds_logits_with_huge_weights():
 # ------------------------------------------------------------------ sliding window
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-@pytest.mark.parametrize("window", [2, 3, 5])
+@pytest.mark.parametrize("window, scan_layers",
+                         [(2, False), (3, False), (5, False), (3, True)])
 def test_local_only_model_receptive_field_is_window(window, scan_layers):
   length, src = 10, 2
   cfg = tiny_config(num_layers=1, attention_pattern=("local",),
@@ -204,7 +203,7 @@ def test_stacked_local_layers_grow_receptive_field():
 
 
 def test_layer_types_and_param_names():
-  cfg = tiny_config()
+  cfg = tiny_config(num_layers=4)
   assert [cfg.attention_type(i) for i in range(4)] == [
       "local", "global", "local", "global"]
   p = param_shapes(cfg)["params"]
@@ -215,8 +214,7 @@ def test_layer_types_and_param_names():
                                   "pre_ffw_norm"]
   ps = param_shapes(dataclasses.replace(cfg, scan_layers=True))["params"]
   assert sorted(ps) == ["embedder", "final_norm", "layers"]
-  assert list(ps["layers"]) == ["local_0", "global_1"] or sorted(ps["layers"]) == [
-      "global_1", "local_0"]
+  assert sorted(ps["layers"]) == ["global_1", "local_0"]  # slot i: pattern[i]_i
   assert ps["layers"]["local_0"]["attn"]["q"].shape == (2, 16, 4, 8)
 
 
@@ -256,7 +254,7 @@ def test_first_layer_is_local_and_second_global_by_behaviour(scan_layers):
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_packed_segments_match_separate_runs(scan_layers):
-  cfg = tiny_config(scan_layers=scan_layers, sliding_window_size=3)
+  cfg = tiny_config(scan_layers=scan_layers, num_layers=4, sliding_window_size=3)
   params = random_params(dataclasses.replace(cfg, scan_layers=False), seed=7)
   if scan_layers:
     params = to_scanned(params, cfg)
@@ -356,19 +354,22 @@ def _loss_and_grads(cfg, params, tokens):
   return loss, logits, grads
 
 
-@pytest.mark.parametrize("scan_layers, policies", [
-    (False, ("full", "dots")),
-    (True, ("full", "dots", "dots_with_no_batch_dims")),
+# Remat is independent of the attention type: small graphs keep compiles cheap
+# (scanned: a one-block body scanned twice).
+@pytest.mark.parametrize("scan_layers, num_layers, pattern", [
+    (False, 1, ("local", "global")),
+    (True, 2, ("global",)),
 ])
-def test_remat_policies_match_no_remat(scan_layers, policies):
-  cfg = tiny_config(scan_layers=scan_layers)
+def test_remat_policies_match_no_remat(scan_layers, num_layers, pattern):
+  cfg = tiny_config(scan_layers=scan_layers, num_layers=num_layers,
+                    attention_pattern=pattern)
   params = random_params(dataclasses.replace(cfg, scan_layers=False), seed=11)
   if scan_layers:
     params = to_scanned(params, cfg)
   tokens = jnp.asarray(random_tokens(11, (2, 7)))
   ref_loss, ref_logits, ref_grads = _loss_and_grads(cfg, params, tokens)
   assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grads)) > 0
-  for policy in policies:
+  for policy in ("full", "dots"):
     loss, logits, grads = _loss_and_grads(
         dataclasses.replace(cfg, remat_policy=policy), params, tokens)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -381,7 +382,7 @@ def test_remat_policies_match_no_remat(scan_layers, policies):
 # ------------------------------------------------------------------ bfloat16
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [True])
 def test_bfloat16_compute_close_to_float32(scan_layers):
   cfg32 = tiny_config(scan_layers=scan_layers)
   cfg16 = dataclasses.replace(cfg32, dtype="bfloat16")

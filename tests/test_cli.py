@@ -1,0 +1,104 @@
+"""The gin binary: flag conventions, operative config, one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from posttrain_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = "--gin_file=gin/experiments/quickstart.gin"
+
+
+def run_main(*args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "posttrain_jax.main", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc):
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("posttrain_jax: error:")]
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+def test_flag_parsing_follows_t5x_conventions():
+  flags = cli.parse_flags(["--gin_file=a.gin", "--gin_file", "b.gin",
+                           "--gin.train.num_steps=5", "--gin.RUN_DIR='x'",
+                           "--gin_bindings=A = 1", "--gin_search_paths=/p,/q", "pos"])
+  assert flags.gin_files == ["a.gin", "b.gin"]
+  assert flags.bindings == ["train.num_steps = 5", "RUN_DIR = 'x'", "A = 1"]
+  assert flags.search_paths == ["/p", "/q"] and flags.rest == ["pos"]
+  with pytest.raises(cli.ConfigError, match="expected --gin.NAME=VALUE"):
+    cli.parse_flags(["--gin.train.num_steps"])
+
+
+def test_later_files_and_bindings_override_earlier(tmp_path):
+  @gin.configurable("cli_test_fn")
+  def fn(a=0, b=0):
+    return a, b
+  first, second = tmp_path / "1.gin", tmp_path / "2.gin"
+  first.write_text("cli_test_fn.a = 1\ncli_test_fn.b = 1\n")
+  second.write_text("cli_test_fn.b = 2\n")
+  gin.clear_config()
+  try:
+    cli.configure(cli.parse_flags([f"--gin_file={first}", f"--gin_file={second}",
+                                   "--gin.cli_test_fn.a=3"]))
+    assert fn() == (3, 2)
+  finally:
+    gin.clear_config()
+
+
+def test_unknown_configurable_names_the_closest():
+  line = error_line(run_main(QUICKSTART, "--gin.ModelConfg.embed_dim=64"))
+  assert "Unknown configurable 'ModelConfg'" in line and "ModelConfig" in line
+
+
+def test_unknown_parameter_names_the_closest():
+  line = error_line(run_main(QUICKSTART, "--gin.ModelConfig.num_hedas=2"))
+  assert "Unknown parameter 'num_hedas'" in line and "num_heads" in line
+
+
+def test_missing_required_macro_is_named(tmp_path):
+  cfg = tmp_path / "incomplete.gin"
+  cfg.write_text("include 'models/gemma2_tiny.gin'\ninclude 'runs/train.gin'\n"
+                 "TASK = 'pydoc_lm'\nSEQUENCE_LENGTH = 32\nBATCH_SIZE = 8\nNUM_STEPS = 1\n")
+  line = error_line(run_main(f"--gin_file={cfg}"))
+  assert "Required macro RUN_DIR is not set" in line and "--gin.RUN_DIR" in line
+
+
+def test_unparsable_value_shows_the_binding():
+  line = error_line(run_main(QUICKSTART, "--gin.NUM_STEPS=abc("))
+  assert "Could not parse" in line and "NUM_STEPS = abc(" in line
+
+
+def test_missing_gin_file_is_named():
+  line = error_line(run_main("--gin_file=gin/nope.gin"))
+  assert "Gin file not found: gin/nope.gin" in line
+
+
+def test_library_input_errors_are_one_line(tmp_path):
+  proc = run_main(QUICKSTART, f"--gin.RUN_DIR='{tmp_path}'", "--gin.NUM_STEPS=1",
+                  "--gin.ModelConfig.vocab_size=100")
+  line = error_line(proc)
+  assert "token id" in line and "vocab_size=100" in line
+
+
+def test_binary_trains_saves_config_and_resumes(tmp_path):
+  args = [QUICKSTART, f"--gin.RUN_DIR='{tmp_path}'", "--gin.SEQUENCE_LENGTH=32",
+          "--gin.BATCH_SIZE=4", "--gin.train.log_every=1", "--gin.train.eval_batches=1",
+          "--gin.ModelConfig.num_layers=2", "--gin.ModelConfig.embed_dim=32"]
+  first = run_main(*args, "--gin.NUM_STEPS=2")
+  assert first.returncode == 0, first.stderr
+  assert "step 2/2 | loss" in first.stdout and "ETA" in first.stdout
+  config = (tmp_path / "config.gin").read_text()
+  assert "ModelConfig.embed_dim = 32" in config and "NUM_STEPS = 2" in config
+  second = run_main(*args, "--gin.NUM_STEPS=3")
+  assert second.returncode == 0, second.stderr
+  assert "resumed from step 2" in second.stdout and "step 3/3" in second.stdout
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
