@@ -146,7 +146,8 @@ def strip_gin_context(text: str) -> str:
 
 def configure(flags: GinFlags) -> None:
   """Parses gin files then bindings (later wins); raises ConfigError."""
-  for path in [GIN_DIR, os.getcwd(), *flags.search_paths]:
+  for path in [GIN_DIR, os.path.join(os.getcwd(), "gin"), os.getcwd(),
+               *flags.search_paths]:
     gin.add_config_file_search_path(path)
   for path in flags.gin_files:
     if not os.path.exists(path) and not any(

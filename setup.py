@@ -1,0 +1,39 @@
+"""posttrain_jax: post-training Gemma-2-like models with JAX (distillation, RLHF, DiLoCo)."""
+
+import setuptools
+
+# The dependency set measured to resolve and import together on Python 3.11
+# (see docs/architecture.md and the project's STACK notes):
+# - sentencepiece < 0.2.3: newer wheels need protobuf 7, xmanager pins < 7;
+# - tensorboard: TF 2.21 no longer pulls it in, clu's metric writers need it;
+# - tensorflow (not tensorflow-cpu): tensorflow-text requires it;
+# - importlib_resources: tfds needs it without declaring it.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "chex>=0.1.90",
+    "gin-config>=0.5.0",
+    "clu>=0.0.12",
+    "seqio>=0.0.20",
+    "tensorflow>=2.21",
+    "tensorflow-text>=2.21",
+    "tensorflow-datasets>=4.9.10",
+    "sentencepiece<0.2.3",
+    "tensorboard>=2.21",
+    "xmanager>=0.8.5",
+    "importlib_resources",
+    "numpy",
+]
+
+setuptools.setup(
+    name="posttrain_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["posttrain_jax", "posttrain_jax.*"]),
+    package_data={"posttrain_jax.data": ["corpus/*.txt", "vocab/*.model"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=8"]},
+)
