@@ -1,7 +1,7 @@
 """Training binary.
 
   python -m posttrain_jax.main --gin_file=gin/experiments/quickstart.gin \
-      [--gin_file=more.gin] [--gin.NAME=VALUE ...]
+      [--gin_file=more.gin] [--gin.NAME=VALUE ...] [--module_import=my.tasks]
 
 Registers the library's plain configuration classes and `train` with gin,
 parses the configuration and runs `posttrain_jax.train.train`. Configuration
@@ -11,8 +11,8 @@ POSTTRAIN_JAX_TRACEBACK=1 for the full traceback).
 
 from __future__ import annotations
 
+import importlib
 import os
-import sys
 
 # Quiet TF/absl before anything imports them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -39,6 +39,8 @@ def register_configurables():
 
 def main(argv) -> int:
   flags = cli.parse_flags(argv)
+  modules = [a.partition("=")[2] for a in flags.rest if a.startswith("--module_import=")]
+  flags.rest = [a for a in flags.rest if not a.startswith("--module_import=")]
   if flags.rest:
     raise cli.ConfigError(f"Unknown arguments: {' '.join(flags.rest)}. Use "
                           "--gin_file=FILE and --gin.NAME=VALUE.")
@@ -48,6 +50,11 @@ def main(argv) -> int:
   register_configurables()
   cli.configure(flags)
   import posttrain_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers seqio tasks
+  for module in modules:  # user modules that register their own seqio tasks
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise cli.ConfigError(f"--module_import={module}: {e}") from e
   train_fn = gin.get_configurable("posttrain_jax.train")
   try:
     cli.call(train_fn, operative_config=gin.config_str())

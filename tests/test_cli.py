@@ -102,3 +102,38 @@ def test_binary_trains_saves_config_and_resumes(tmp_path):
   assert second.returncode == 0, second.stderr
   assert "resumed from step 2" in second.stdout and "step 3/3" in second.stdout
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+
+
+def _task_module(tmp_path, name, train_text):
+  (tmp_path / "train.txt").write_text(train_text)
+  (tmp_path / "val.txt").write_text(train_text)
+  (tmp_path / f"{name}.py").write_text(
+      "from posttrain_jax.data.tasks import register_text_lm_task\n"
+      f"register_text_lm_task({name!r}, {{'train': {str(tmp_path / 'train.txt')!r}, "
+      f"'validation': {str(tmp_path / 'val.txt')!r}}})\n")
+
+
+def test_module_import_registers_user_tasks(tmp_path):
+  _task_module(tmp_path, "user_tasks_ok", "A line of English text about tests.\n" * 50)
+  env_path = f"{tmp_path}:{REPO}"
+  proc = subprocess.run(
+      [sys.executable, "-m", "posttrain_jax.main", QUICKSTART,
+       "--module_import=user_tasks_ok", "--gin.TASK='user_tasks_ok'",
+       f"--gin.RUN_DIR='{tmp_path / 'run'}'", "--gin.NUM_STEPS=1",
+       "--gin.SEQUENCE_LENGTH=16", "--gin.BATCH_SIZE=2", "--gin.train.eval_batches=1"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=env_path, XLA_FLAGS=""),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "step 1/1" in proc.stdout
+
+
+def test_empty_dataset_is_one_clear_line(tmp_path):
+  _task_module(tmp_path, "user_tasks_empty", "")
+  proc = subprocess.run(
+      [sys.executable, "-m", "posttrain_jax.main", QUICKSTART,
+       "--module_import=user_tasks_empty", "--gin.TASK='user_tasks_empty'",
+       f"--gin.RUN_DIR='{tmp_path / 'run'}'", "--gin.NUM_STEPS=1"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}", XLA_FLAGS=""),
+      capture_output=True, text=True, timeout=300)
+  line = error_line(proc)
+  assert "user_tasks_empty" in line and "train" in line
