@@ -91,9 +91,8 @@ def create_mesh(ici_parallelism: Mapping[str, int] | None = None,
               len(devices) // num_slices, "ici_parallelism")
   multi_process = jax.process_count() > 1
   if num_slices > 1 and multi_process:
-    granule_is_process = not hasattr(devices[0], "slice_index")
     array = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=granule_is_process,
+        ici, dcn, devices, process_is_granule=_num_device_slices(devices) <= 1,
         allow_split_physical_axes=True)
   else:
     shape = [i * d for i, d in zip(ici, dcn)]
@@ -102,10 +101,15 @@ def create_mesh(ici_parallelism: Mapping[str, int] | None = None,
   return Mesh(array, MESH_AXES)
 
 
+def _num_device_slices(devices: Sequence[jax.Device]) -> int:
+  """Distinct TPU slices (CPU/GPU devices report one slice or none)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def _num_slices(devices: Sequence[jax.Device]) -> int:
-  if hasattr(devices[0], "slice_index"):
-    return len({d.slice_index for d in devices})
-  return jax.process_count()
+  """Slices for a DCN degree of -1: TPU slices, else processes."""
+  slices = _num_device_slices(devices)
+  return slices if slices > 1 else jax.process_count()
 
 
 def mesh_axes(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
