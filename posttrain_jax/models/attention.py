@@ -8,6 +8,7 @@ sequences never attend across segments.
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,14 +45,43 @@ def attention_mask(
   return mask
 
 
+@flax.struct.dataclass
+class CacheInfo:
+  """Where new tokens go in a KV cache, shared by every layer.
+
+  index: scalar slot of the first new token (new tokens fill index..index+T-1).
+  segment_ids: [batch, cache_len]; 0 marks slots that must never be attended
+    (left padding of prompts), 1 marks real tokens. Unwritten future slots are
+    excluded by causality.
+  """
+
+  index: Array
+  segment_ids: Array
+
+
+def init_kv_cache(batch: int, length: int, num_kv_heads: int, head_dim: int,
+                  dtype) -> dict[str, Array]:
+  """Zero key/value cache of one layer: [batch, length, kv_heads, head_dim]."""
+  shape = (batch, length, num_kv_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
 class Attention(nn.Module):
-  """Multi-head attention with grouped key/value heads."""
+  """Multi-head attention with grouped key/value heads.
+
+  Without a cache it attends within the given tokens (training, scoring). With
+  `cache` (init_kv_cache) and `cache_info` it writes the new keys/values at
+  cache_info.index and attends over the whole cache (prefill when T > 1,
+  decode when T == 1), returning (output, updated_cache).
+  """
 
   config: ModelConfig
   attention_type: str  # "local" or "global"
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
+               cache: dict[str, Array] | None = None,
+               cache_info: CacheInfo | None = None):
     cfg = self.config
     dtype, pdtype = cfg.compute_dtype, cfg.weight_dtype
     d, h, k, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -79,18 +109,34 @@ class Attention(nn.Module):
     q = q * jnp.asarray(cfg.query_scale, dtype)
 
     batch, length = x.shape[:2]
+    q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    k_index, k_segment_ids, new_cache = q_index, segment_ids, None
+    if cache is not None:
+      start = (0, cache_info.index, 0, 0)
+      new_cache = {
+          "k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
+          "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start),
+      }
+      key, value = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+      q_index = q_index + cache_info.index
+      k_index = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32),
+                                 (batch, key.shape[1]))
+      k_segment_ids = cache_info.segment_ids
+      if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+
     groups = h // k
     q = q.reshape(batch, length, k, groups, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, key,
                         preferred_element_type=jnp.float32)
     scores = soft_cap(scores, cfg.attn_logits_soft_cap)
 
-    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     window = cfg.sliding_window_size if self.attention_type == "local" else None
-    mask = attention_mask(index, index, segment_ids, segment_ids, window)
+    mask = attention_mask(q_index, k_index, segment_ids, k_segment_ids, window)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
 
     out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(batch, length, h, hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return jnp.einsum("bthk,hkd->btd", out, w_o)
+    out = jnp.einsum("bthk,hkd->btd", out, w_o)
+    return out if cache is None else (out, new_cache)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from posttrain_jax.models.attention import Attention
+from posttrain_jax.models.attention import Attention, CacheInfo, init_kv_cache
 from posttrain_jax.models.config import ModelConfig
 from posttrain_jax.models.layers import Embedder, FeedForward, RMSNorm, soft_cap
 
@@ -36,17 +36,22 @@ class Block(nn.Module):
   attention_type: str
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array | None) -> Array:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
+               cache=None, cache_info: CacheInfo | None = None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name=name)
     h = norm("pre_attention_norm")(x)
-    h = Attention(cfg, self.attention_type, name="attn")(h, positions, segment_ids)
+    h = Attention(cfg, self.attention_type, name="attn")(h, positions, segment_ids,
+                                                         cache, cache_info)
+    if cache is not None:
+      h, cache = h
     x = x + norm("post_attention_norm")(h)
     h = norm("pre_ffw_norm")(x)
     h = FeedForward(cfg.embed_dim, cfg.mlp_dim, cfg.compute_dtype, cfg.weight_dtype,
                     name="mlp")(h)
     x = x + norm("post_ffw_norm")(h)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x if cache is None else (x, cache)
 
 
 class BlockGroup(nn.Module):
@@ -55,11 +60,16 @@ class BlockGroup(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, cache=None, cache_info=None):
+    new_cache = None if cache is None else {}
     for i, attention_type in enumerate(self.config.attention_pattern):
-      x = _block_cls(self.config)(self.config, attention_type,
-                                  name=f"{attention_type}_{i}")(x, positions, segment_ids)
-    return x, None
+      name = f"{attention_type}_{i}"
+      block = _block_cls(self.config)(self.config, attention_type, name=name)
+      if cache is None:
+        x = block(x, positions, segment_ids)
+      else:
+        x, new_cache[name] = block(x, positions, segment_ids, cache[name], cache_info)
+    return x, new_cache
 
 
 def _block_cls(config: ModelConfig):
@@ -87,7 +97,7 @@ class Transformer(nn.Module):
           group,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
           length=cfg.num_layers // len(cfg.attention_pattern),
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg)
@@ -98,7 +108,8 @@ class Transformer(nn.Module):
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None, return_hidden: bool = False):
+               segment_ids: Array | None = None, return_hidden: bool = False,
+               cache=None, cache_info: CacheInfo | None = None):
     """Forward pass.
 
     Args:
@@ -107,18 +118,44 @@ class Transformer(nn.Module):
         segment); defaults to 0..length-1.
       segment_ids: int [batch, length]; tokens attend only within their segment.
       return_hidden: also return the final-normed hidden states [b, t, d].
+      cache: KV cache from `init_cache`; with it (and cache_info) the tokens are
+        written at cache_info.index and attend over the cache, and the updated
+        cache is returned last.
+
+    Returns:
+      logits, (logits, hidden) with return_hidden, plus the new cache if given.
     """
     batch, length = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     x = self.embedder.encode(tokens)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    new_cache = None
     if self.config.scan_layers:
-      x, _ = self.layers(x, positions, segment_ids)
-    else:
+      x, new_cache = self.layers(x, positions, segment_ids, cache, cache_info)
+    elif cache is None:
       for block in self.blocks:
         x = block(x, positions, segment_ids)
+    else:
+      new_cache = {}
+      for block in self.blocks:
+        x, new_cache[block.name] = block(x, positions, segment_ids, cache[block.name],
+                                         cache_info)
     hidden = self.final_norm(x)
     logits = soft_cap(self.embedder.decode(hidden), self.config.final_logit_soft_cap)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    return (logits, hidden) if return_hidden else logits
+    out = (logits, hidden) if return_hidden else (logits,)
+    if cache is not None:
+      out += (new_cache,)
+    return out if len(out) > 1 else out[0]
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
+  """Zero KV cache for every layer, in the layout `Transformer` expects."""
+  dtype = dtype or config.compute_dtype
+  one = lambda: init_kv_cache(batch, length, config.num_kv_heads, config.head_dim, dtype)
+  if config.scan_layers:
+    groups = config.num_layers // len(config.attention_pattern)
+    stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (groups,) + a.shape), c)
+    return {f"{t}_{i}": stack(one()) for i, t in enumerate(config.attention_pattern)}
+  return {f"layer_{i}": one() for i in range(config.num_layers)}
