@@ -133,6 +133,20 @@ def logical_shardings(logical_specs, abstract, mesh: Mesh, rules=DEFAULT_RULES):
                       is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def params_and_shardings(init_boxed, mesh: Mesh, rules=DEFAULT_RULES):
+  """Abstract (unboxed) params and their NamedShardings from a boxed init fn.
+
+  init_boxed: a no-argument function returning flax params whose leaves are
+  `nn.LogicallyPartitioned` boxes (as `Transformer.init` gives); it is only
+  traced with jax.eval_shape.
+  """
+  abstract_boxed = jax.eval_shape(init_boxed)
+  abstract = nn.unbox(abstract_boxed)
+  shardings = logical_shardings(nn.get_partition_spec(abstract_boxed), abstract,
+                                mesh, rules)
+  return abstract, shardings
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of [batch, length] input arrays."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))

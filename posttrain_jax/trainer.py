@@ -109,11 +109,9 @@ class Trainer:
     self.model, self.tx, self.schedule = model, tx, schedule
     self.mesh, self.rules = mesh, rules
     self.batch_sharding = partitioning.batch_sharding(mesh, rules)
-    abstract_boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
-    logical = nn.get_partition_spec(abstract_boxed)
-    abstract_params = nn.unbox(abstract_boxed)
-    param_shardings = partitioning.logical_shardings(logical, abstract_params,
-                                                     mesh, rules)
+    abstract_params, param_shardings = partitioning.params_and_shardings(
+        lambda: self._init_boxed(jax.random.key(0)), mesh, rules)
+    self.param_shardings = param_shardings
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = partitioning.replicated(mesh)
     opt_shardings = optax.tree_map_params(

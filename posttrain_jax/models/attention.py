@@ -117,6 +117,8 @@ class Attention(nn.Module):
           "k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
           "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start),
       }
+      new_cache = jax.tree.map(lambda c: nn.with_logical_constraint(
+          c, ("batch", "length", "kv_heads", "kv")), new_cache)
       key, value = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
       q_index = q_index + cache_info.index
       k_index = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32),
