@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import difflib
 import inspect
-import logging
 import os
 import re
 import sys
@@ -154,8 +153,6 @@ def configure(flags: GinFlags) -> None:
         os.path.exists(os.path.join(d, path)) for d in [GIN_DIR, *flags.search_paths]):
       raise ConfigError(f"Gin file not found: {path} (searched ., {GIN_DIR}"
                         f"{', ' + ', '.join(flags.search_paths) if flags.search_paths else ''}).")
-  # gin's package-path reader logs "Path not found" for every include it then
-  # finds through the search paths; those lines are noise, not errors.
   for binding in flags.bindings:
     try:  # syntax only: nothing is bound yet
       list(config_parser.ConfigParser(
@@ -163,8 +160,14 @@ def configure(flags: GinFlags) -> None:
     except SyntaxError as e:
       raise ConfigError(
           f"Could not parse the binding `{binding}`: {explain(e)}") from e
-  quiet = lambda record: not record.getMessage().startswith("Path not found")
-  logging.getLogger().addFilter(quiet)
+  # gin also registers a reader that resolves "a/b.gin" as a resource of a
+  # Python package "a": with a directory such as ./runs/ (our run directories)
+  # in the working directory, `include 'runs/train.gin'` then crashes inside
+  # gin. Our gin files are plain files found through the search paths, so keep
+  # only the plain-file reader.
+  gin_config_lib._FILE_READERS[:] = [  # pylint: disable=protected-access
+      (reader, exists) for reader, exists in gin_config_lib._FILE_READERS  # pylint: disable=protected-access
+      if reader is open]
   try:
     # Finalizing runs gin's checks for unset %gin.REQUIRED values and unknown
     # references now, before any work starts.
@@ -172,8 +175,6 @@ def configure(flags: GinFlags) -> None:
                                         finalize_config=True)
   except (ValueError, SyntaxError, OSError, TypeError) as e:
     raise ConfigError(explain(e)) from e
-  finally:
-    logging.getLogger().removeFilter(quiet)
 
 
 def call(fn: Callable, *args, **kwargs):

@@ -137,3 +137,21 @@ def test_empty_dataset_is_one_clear_line(tmp_path):
       capture_output=True, text=True, timeout=300)
   line = error_line(proc)
   assert "user_tasks_empty" in line and "train" in line
+
+
+def test_run_directories_in_the_working_directory_do_not_break_includes(tmp_path,
+                                                                        monkeypatch):
+  # ./runs/ and ./models/ look like Python namespace packages to gin's resource
+  # reader; `include 'runs/train.gin'` must still find gin/runs/train.gin.
+  (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+  (tmp_path / "models").mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  from posttrain_jax import main as main_lib
+  main_lib.register_configurables()
+  gin.clear_config()
+  try:
+    cli.configure(cli.parse_flags([f"--gin_file={REPO}/gin/experiments/quickstart.gin"]))
+    assert gin.query_parameter("ModelConfig.embed_dim") == 128
+  finally:
+    gin.clear_config()
