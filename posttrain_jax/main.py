@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import gin  # pylint: disable=g-import-not-at-top
 
 from posttrain_jax import cli
+from posttrain_jax import distributed
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.optimizer import OptimizerConfig
@@ -47,6 +48,10 @@ def main(argv) -> int:
   if not flags.gin_files:
     raise cli.ConfigError("No --gin_file given; try "
                           "--gin_file=gin/experiments/quickstart.gin.")
+  try:
+    distributed.initialize_from_env()
+  except ValueError as e:
+    raise cli.ConfigError(str(e)) from e
   register_configurables()
   cli.configure(flags)
   import posttrain_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import  # registers seqio tasks
