@@ -1,0 +1,700 @@
+"""XManager launcher for the training binary on Cloud TPU (one or more slices).
+
+  python launch/xm_launch.py --accelerator=v5p-256 --num_slices=2 \\
+      --project=my-project --zone=us-east5-a --run_dir=gs://my-bucket/runs/x \\
+      --gin_file=gin/experiments/quickstart.gin \\
+      --gin.train.dcn_parallelism="{'replica': 2}" --gin.NUM_STEPS=20000 \\
+      --dry_run
+
+Builds the real xmanager objects -- an `xm.Packageable` (a `PythonContainer`
+of this repository, a Dockerfile, or a prebuilt image) and an `xm.JobGroup`
+with one `xm.Job` per slice whose `xm.JobRequirements` name the TPU type,
+topology and hosts (replicas) of the slice -- and then either launches them or,
+with --dry_run, prints them as JSON without any cloud call.
+
+Arguments for the training binary (--gin_file, --gin.NAME=VALUE,
+--gin_bindings, --gin_search_paths, --module_import) are passed through in
+their order, each as one list element: nothing is joined into a shell string,
+so gin quoting survives byte for byte (--gin.RUN_DIR="'gs://b/run 1'",
+--gin.ModelConfig.attention_pattern='("local", "global")',
+--gin.train.model_config=@ModelConfig()). --run_dir=PATH adds
+--gin.RUN_DIR=<PATH as a gin string>. Bindings are syntax-checked with gin's
+parser before anything is built.
+
+Platforms (--platform):
+  tpu_vm (default)  xmanager builds and pushes the image; a queued resource
+                    with --num_slices nodes is created and every worker of
+                    every slice runs the container (gcloud, argument lists).
+  vertex            xmanager's Vertex AI backend (xm_local.Vertex). Its
+                    open-source backend places only single-host TPU v2/v3
+                    slices; other requests stop with the reason, before any
+                    cloud call.
+
+Environment of every job (see docs/launch.md for the binary's side):
+  POSTTRAIN_JAX_DISTRIBUTED=auto      call jax.distributed.initialize() with
+                                      no arguments (Cloud TPU auto-detection,
+                                      multi-slice via the runtime's MEGASCALE_*)
+  POSTTRAIN_JAX_NUM_PROCESSES=H*S     the expected jax.process_count()
+(both only when the job has more than one host in total), plus --env K=V.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY_MODULE = "posttrain_jax.main"
+DEFAULT_BASE_IMAGE = "python:3.11"
+CONTAINER_WORKDIR = "/workdir"
+
+ENV_DISTRIBUTED = "POSTTRAIN_JAX_DISTRIBUTED"
+ENV_NUM_PROCESSES = "POSTTRAIN_JAX_NUM_PROCESSES"
+
+_BINARY_FLAGS = ("--gin_file", "--gin_bindings", "--gin_search_paths",
+                 "--module_import")
+
+
+class LaunchError(Exception):
+  """A usage or configuration problem, reported as one line."""
+
+
+# ---------------------------------------------------------------------------
+# TPU slices
+
+_TOPOLOGIES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4",
+                  64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
+                  1024: "8x8x16", 2048: "8x16x16"}
+_TOPOLOGIES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8",
+                  64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  resource: str            # xm.ResourceType name
+  gcloud_prefix: str       # accelerator-type prefix for gcloud
+  cores_per_chip: int      # the number in "v5p-256" counts cores (2/chip) or chips
+  chips_per_host: int      # in a multi-host slice
+  single_host_chips: int   # the largest slice served by one host
+  topologies: Mapping[int, str]  # chips -> default topology
+  runtime_version: str     # TPU VM software version
+
+
+_FAMILIES = {
+    "v2": _Family("tpu_v2", "v2", 2, 4, 4,
+                  {4: "2x2", 16: "4x4", 64: "8x8", 128: "8x16", 256: "16x16"},
+                  "tpu-ubuntu2204-base"),
+    "v3": _Family("tpu_v3", "v3", 2, 4, 4,
+                  {4: "2x2", 16: "4x4", 64: "8x8", 128: "8x16", 256: "16x16",
+                   512: "16x32", 1024: "32x32"}, "tpu-ubuntu2204-base"),
+    "v4": _Family("tpu_v4", "v4", 2, 4, 4, _TOPOLOGIES_3D, "tpu-ubuntu2204-base"),
+    "v5p": _Family("tpu_v5p", "v5p", 2, 4, 4,
+                   {**_TOPOLOGIES_3D, 4096: "16x16x16", 6144: "16x16x24"},
+                   "v2-alpha-tpuv5"),
+    "v5e": _Family("tpu_v5e", "v5litepod", 1, 4, 8, _TOPOLOGIES_2D,
+                   "v2-alpha-tpuv5-lite"),
+    "v6e": _Family("tpu_v6e", "v6e", 1, 4, 8, _TOPOLOGIES_2D, "v2-alpha-tpuv6e"),
+}
+_ALIASES = {"v5litepod": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """One TPU slice: what gcloud and xm.JobRequirements call it."""
+  accelerator_type: str   # gcloud --accelerator-type, e.g. "v5p-256"
+  version: str            # "v5p"
+  resource: str           # xm resource name, e.g. "tpu_v5p"
+  topology: str           # e.g. "4x4x8"
+  chips: int
+  cores: int              # TensorCores (what Vertex AI counts for TPU v2/v3)
+  hosts: int              # processes per slice (one per TPU VM host)
+  runtime_version: str
+
+  def as_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def parse_accelerator(accelerator: str, topology: str | None = None) -> TpuSlice:
+  """'v5p-256' (+ optional topology) -> TpuSlice; raises LaunchError."""
+  m = re.fullmatch(r"(v2|v3|v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator.strip().lower())
+  if not m:
+    raise LaunchError(
+        f"--accelerator={accelerator!r}: expected a Cloud TPU type such as "
+        "v5p-256, v4-32, v5litepod-16 (or v5e-16), v6e-64, v3-32.")
+  version = _ALIASES.get(m.group(1), m.group(1))
+  family = _FAMILIES[version]
+  size = int(m.group(2))
+  if size % family.cores_per_chip:
+    raise LaunchError(f"--accelerator={accelerator}: {version} sizes count "
+                      f"TensorCores ({family.cores_per_chip} per chip).")
+  chips = size // family.cores_per_chip
+  if topology:
+    if not re.fullmatch(r"\d+(x\d+)+", topology):
+      raise LaunchError(f"--topology={topology!r}: expected e.g. 4x4x8.")
+    dims = [int(d) for d in topology.split("x")]
+    product = 1
+    for d in dims:
+      product *= d
+    if product != chips:
+      raise LaunchError(
+          f"--topology={topology} has {product} chips but {accelerator} has "
+          f"{chips}.")
+  else:
+    topology = family.topologies.get(chips)
+    if topology is None:
+      known = ", ".join(f"{family.gcloud_prefix}-{c * family.cores_per_chip}"
+                        for c in sorted(family.topologies))
+      raise LaunchError(f"--accelerator={accelerator}: no default topology; "
+                        f"pass --topology (known sizes: {known}).")
+  hosts = 1 if chips <= family.single_host_chips else chips // family.chips_per_host
+  return TpuSlice(accelerator_type=f"{family.gcloud_prefix}-{size}",
+                  version=version, resource=family.resource, topology=topology,
+                  chips=chips, cores=chips * family.cores_per_chip,
+                  hosts=hosts,
+                  runtime_version=family.runtime_version)
+
+
+# ---------------------------------------------------------------------------
+# Training-binary arguments and gin quoting
+
+def gin_string(value: str) -> str:
+  """A gin string literal that parses back to exactly `value`."""
+  return repr(str(value))
+
+
+def split_binary_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates the training binary's arguments (order kept) from the rest."""
+  own, binary = [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    name, eq, _ = arg.partition("=")
+    if name.startswith("--gin.") or name in _BINARY_FLAGS:
+      if not eq:
+        if name.startswith("--gin."):
+          raise LaunchError(f"{arg}: expected --gin.NAME=VALUE (one argument).")
+        if i + 1 >= len(args):
+          raise LaunchError(f"{name} needs a value.")
+        i += 1
+        arg = f"{name}={args[i]}"
+      binary.append(arg)
+    else:
+      own.append(arg)
+    i += 1
+  return own, binary
+
+
+def bindings_of(binary_args: Sequence[str]) -> list[tuple[str, str]]:
+  """(argument, gin binding text) for each --gin.NAME=VALUE / --gin_bindings."""
+  out = []
+  for arg in binary_args:
+    name, _, value = arg.partition("=")
+    if name.startswith("--gin."):
+      out.append((arg, f"{name[len('--gin.'):]} = {value}"))
+    elif name == "--gin_bindings":
+      out.append((arg, value))
+  return out
+
+
+def check_bindings(binary_args: Sequence[str]) -> None:
+  """Gin syntax check of every binding (skipped when gin is not installed)."""
+  try:
+    from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+    from gin import config_parser  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  for arg, binding in bindings_of(binary_args):
+    try:
+      list(config_parser.ConfigParser(
+          binding, gin_config.ParserDelegate(skip_unknown=True)))
+    except SyntaxError as e:
+      detail = str(e).splitlines()[-1].strip() if str(e) else "syntax error"
+      raise LaunchError(
+          f"{arg}: not a valid gin binding ({detail}). String values need "
+          "quotes inside the shell quotes, e.g. --gin.RUN_DIR=\"'gs://b/x'\"; "
+          "tuples ('(\"local\", \"global\")'), references (@ModelConfig()) "
+          "and numbers need none.") from e
+
+
+def binds(binary_args: Sequence[str], macro: str) -> bool:
+  return any(re.match(rf"\s*{re.escape(macro)}\s*=", b)
+             for _, b in bindings_of(binary_args))
+
+
+def check_gin_files(binary_args: Sequence[str], source: str) -> None:
+  """Gin files are read inside the image: they must be in the source tree."""
+  dirs = [source, os.path.join(source, "gin")]
+  for arg in binary_args:
+    name, _, value = arg.partition("=")
+    if name == "--gin_search_paths":
+      dirs += [os.path.join(source, p) for p in value.split(",") if p]
+  for arg in binary_args:
+    name, _, path = arg.partition("=")
+    if name != "--gin_file":
+      continue
+    if os.path.isabs(path):
+      raise LaunchError(f"{arg}: give gin files relative to the source "
+                        f"directory {source} (the image's working directory).")
+    if not any(os.path.isfile(os.path.join(d, path)) for d in dirs):
+      raise LaunchError(f"{arg}: not found under {', '.join(dirs)}.")
+
+
+# ---------------------------------------------------------------------------
+# xmanager objects
+
+def import_xmanager():
+  """(xm, xm_local, xm_utils), or a LaunchError that says how to install."""
+  try:
+    from xmanager import xm  # pylint: disable=g-import-not-at-top
+    from xmanager import xm_local  # pylint: disable=g-import-not-at-top
+    from xmanager.xm import utils as xm_utils  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise LaunchError(
+        f"xmanager is needed to build the job ({e}). Install it with "
+        "`pip install -c constraints.txt xmanager` (it is in setup.py).") from e
+  return xm, xm_local, xm_utils
+
+
+_TPU_VM_EXECUTOR = None
+
+
+def tpu_vm_executor_class():
+  """An xm.Executor for Cloud TPU VMs (queued resources)."""
+  global _TPU_VM_EXECUTOR
+  if _TPU_VM_EXECUTOR is None:
+    import attr  # pylint: disable=g-import-not-at-top
+    xm, xm_local, _ = import_xmanager()
+
+    @attr.s(auto_attribs=True)
+    class TpuVm(xm.Executor):
+      """Cloud TPU VMs of a queued resource; the image is built for the cloud."""
+      requirements: xm.JobRequirements
+      project: str
+      zone: str
+      runtime_version: str
+      spot: bool = False
+
+      Spec = xm_local.VertexSpec  # packaging: xmanager's cloud build and push
+
+    _TPU_VM_EXECUTOR = TpuVm
+  return _TPU_VM_EXECUTOR
+
+
+def docker_instructions(source: str) -> list[str]:
+  """Dockerfile steps of the PythonContainer: install this repository + libtpu."""
+  dirname = os.path.basename(os.path.normpath(source))
+  return [
+      "ENV LANG=C.UTF-8 PYTHONUNBUFFERED=1",
+      f"RUN mkdir -p -m 775 {CONTAINER_WORKDIR} && chown 1000:root {CONTAINER_WORKDIR}",
+      f"COPY --chown=1000:root {dirname}/ {CONTAINER_WORKDIR}",
+      f"WORKDIR {CONTAINER_WORKDIR}",
+      'RUN python -m pip install --no-cache-dir -c constraints.txt -e . "jax[tpu]"',
+  ]
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything a launch needs; `spec` is what --dry_run prints."""
+  opts: argparse.Namespace
+  tpu: TpuSlice
+  binary_args: list[str]  # as given (before --run_dir is added)
+  env: dict[str, str]
+  packageable: Any
+  job_group: Any
+  spec: dict[str, Any]
+  notes: list[str]
+
+
+def _jsonable(obj):
+  """JSON view of xmanager objects (attrs classes, enums, topologies)."""
+  import attr  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, enum.Enum):  # before int: proto enums are IntEnums
+    return obj.name
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj
+  if isinstance(obj, Mapping):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if type(obj).__name__ == "SequentialArgs":
+    _, _, xm_utils = import_xmanager()
+    return obj.to_list(xm_utils.ARGV_ESCAPER)
+  if isinstance(obj, tuple) and hasattr(obj, "_asdict"):  # ModuleName, CommandList
+    return {"type": type(obj).__name__, **_jsonable(obj._asdict())}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if attr.has(type(obj)):
+    out = {"type": type(obj).__name__}
+    for field in attr.fields(type(obj)):
+      out[field.name] = _jsonable(getattr(obj, field.name))
+    return out
+  if type(obj).__name__ == "Topology":
+    return obj.name
+  return str(obj)
+
+
+def requirements_json(req) -> dict[str, Any]:
+  return {"repr": repr(req), "accelerator": str(req.accelerator),
+          "topology": req.topology.name if req.topology else None,
+          "quantity": req.task_requirements[req.accelerator],
+          "replicas": req.replicas, "num_slices": req.num_slices,
+          "service_tier": req.service_tier.name, "location": req.location}
+
+
+def job_args(job) -> list[str]:
+  """The container's argv after the entrypoint, as xmanager's backends pass it."""
+  xm, _, xm_utils = import_xmanager()
+  return xm.merge_args(job.executable.args, job.args).to_list(xm_utils.ARGV_ESCAPER)
+
+
+def job_env(job) -> dict[str, str]:
+  return {**job.executable.env_vars, **job.env_vars}
+
+
+def job_json(job) -> dict[str, Any]:
+  executor = {"type": type(job.executor).__name__,
+              "requirements": requirements_json(job.executor.requirements)}
+  for key, value in _jsonable(job.executor).items():
+    if key not in ("type", "requirements"):
+      executor[key] = value
+  return {"name": job.name, "executor": executor,
+          "image": job.executable.image_path, "args": job_args(job),
+          "env_vars": job_env(job)}
+
+
+def build_job_group(executable, make_executor, num_slices: int,
+                    args: Sequence[str], env: Mapping[str, str]):
+  """One xm.Job per slice (xm.JobRequirements refuses num_slices > 1 for TPUs)."""
+  xm, _, _ = import_xmanager()
+  jobs = {}
+  for s in range(num_slices):
+    name = f"slice_{s}"
+    jobs[name] = xm.Job(executable=executable, executor=make_executor(),
+                        name=name, args=list(args), env_vars=dict(env))
+  return xm.JobGroup(**jobs)
+
+
+def image_registry(image: str) -> str:
+  first = image.split("/", 1)[0]
+  return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def tpu_vm_commands(name: str, job, num_slices: int, tpu: TpuSlice,
+                    container_name: str) -> dict[str, Any]:
+  """gcloud argv lists: create the queued resource, wait, run on all workers."""
+  executor = job.executor
+  where = ["--project", executor.project, "--zone", executor.zone]
+  create = ["gcloud", "compute", "tpus", "queued-resources", "create", name,
+            "--accelerator-type", tpu.accelerator_type,
+            "--runtime-version", executor.runtime_version, *where]
+  if num_slices > 1:
+    create += ["--node-count", str(num_slices), "--node-prefix", name]
+  else:
+    create += ["--node-id", name]
+  if executor.spot:
+    create.append("--spot")
+  describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", name,
+              *where, "--format=value(state.state)"]
+  image = job.executable.image_path
+  docker = ["sudo", "docker", "run", "--detach", "--name", container_name,
+            "--privileged", "--network=host"]
+  for key, value in job_env(job).items():
+    docker += ["--env", f"{key}={value}"]
+  docker += [image, *job_args(job)]
+  remote = " && ".join([
+      shlex.join(["sudo", "gcloud", "auth", "configure-docker",
+                  image_registry(image), "--quiet"]),
+      "(" + shlex.join(["sudo", "docker", "rm", "--force", container_name])
+      + " >/dev/null 2>&1 || true)",
+      shlex.join(docker),
+  ])
+  run = ["gcloud", "compute", "tpus", "queued-resources", "ssh", name, *where,
+         "--node=all", "--worker=all", "--command", remote]
+  logs = ["gcloud", "compute", "tpus", "queued-resources", "ssh", name, *where,
+          "--node=all", "--worker=all", "--command",
+          shlex.join(["sudo", "docker", "logs", "--tail", "20",
+                      container_name])]
+  return {"create": create, "wait_until_active": describe, "run": run,
+          "remote_command": remote, "docker_run": docker, "logs": logs}
+
+
+def vertex_blockers(job, tpu: TpuSlice, num_slices: int) -> list[str]:
+  """Why xmanager's Vertex backend cannot place this job (empty: it can)."""
+  reasons = []
+  try:
+    from xmanager.cloud import vertex  # pylint: disable=g-import-not-at-top
+    vertex.get_machine_spec(job)
+  except ImportError as e:
+    reasons.append(f"xmanager's Vertex backend does not import ({e})")
+  except (KeyError, ValueError) as e:
+    reasons.append(f"xmanager's Vertex backend has no machine for "
+                   f"{tpu.resource.upper()} ({type(e).__name__}: {e}); it maps "
+                   "only TPU_V2 and TPU_V3")
+  if tpu.hosts > 1:
+    reasons.append(f"{tpu.accelerator_type} has {tpu.hosts} hosts, and "
+                   "xmanager's Vertex backend refuses replicas > 1 in the first "
+                   "worker pool")
+  if num_slices > 1:
+    reasons.append("xm.JobRequirements refuses num_slices > 1 for TPUs and "
+                   "the Vertex backend has no multi-slice TPU job")
+  return reasons
+
+
+def make_plan(opts: argparse.Namespace, binary_args: list[str],
+              executable=None) -> Plan:
+  """Builds the packageable, job group and JSON spec (no cloud call).
+
+  `executable` is the result of experiment.package() in a real launch; a dry
+  run uses the image that packaging is told to push (--image_tag) or the
+  prebuilt --image, in the same executable type xmanager's packager returns.
+  """
+  notes = []
+  tpu = parse_accelerator(opts.accelerator, opts.topology)
+  user_args = list(binary_args)
+  if opts.num_slices < 1:
+    raise LaunchError("--num_slices must be >= 1.")
+  check_bindings(binary_args)
+  if opts.run_dir:
+    if binds(binary_args, "RUN_DIR"):
+      raise LaunchError("--run_dir and a RUN_DIR binding both given; use one.")
+    binary_args = [*binary_args, f"--gin.RUN_DIR={gin_string(opts.run_dir)}"]
+  if not opts.image:
+    check_gin_files(binary_args, opts.source)
+  if not any(a.startswith("--gin_file=") for a in binary_args):
+    raise LaunchError("no --gin_file given; e.g. "
+                      "--gin_file=gin/experiments/quickstart.gin.")
+  processes = tpu.hosts * opts.num_slices
+  if opts.num_slices > 1 and not any(
+      re.search(r"dcn_parallelism\s*=", b) for _, b in bindings_of(binary_args)):
+    notes.append(f"{opts.num_slices} slices: make sure train.dcn_parallelism "
+                 f"multiplies to {opts.num_slices} (e.g. --gin.train."
+                 f"dcn_parallelism=\"{{'replica': {opts.num_slices}}}\"), or "
+                 "the slices are treated as one ICI mesh.")
+
+  env: dict[str, str] = {}
+  if processes > 1:
+    env[ENV_DISTRIBUTED] = "auto"
+    env[ENV_NUM_PROCESSES] = str(processes)
+  for item in opts.env:
+    key, eq, value = item.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+      raise LaunchError(f"--env={item!r}: expected NAME=VALUE.")
+    env[key] = value
+
+  if opts.platform == "tpu_vm":
+    if not (opts.project and opts.zone):
+      raise LaunchError("--platform=tpu_vm needs --project and --zone.")
+  xm, xm_local, _ = import_xmanager()
+  push_tag = opts.image_tag
+  if not push_tag and not opts.image and opts.project:
+    push_tag = f"gcr.io/{opts.project}/posttrain_jax:{opts.name}"
+  executor_spec = xm_local.Vertex.Spec(push_image_tag=push_tag)
+  if opts.image:
+    packageable = xm.container(executor_spec=executor_spec, image_path=opts.image)
+  elif opts.dockerfile:
+    packageable = xm.dockerfile_container(
+        executor_spec=executor_spec, path=opts.source,
+        dockerfile=os.path.abspath(opts.dockerfile))
+  else:
+    packageable = xm.python_container(
+        executor_spec=executor_spec, entrypoint=xm.ModuleName(BINARY_MODULE),
+        path=opts.source, base_image=opts.base_image,
+        docker_instructions=docker_instructions(opts.source))
+
+  if executable is None:
+    image = opts.image or push_tag
+    if not image:
+      raise LaunchError("give --image_tag (where the built image is pushed), "
+                        "--project, or a prebuilt --image.")
+    from xmanager.xm_local import executables as local_executables  # pylint: disable=g-import-not-at-top
+    executable = local_executables.GoogleContainerRegistryImage(
+        name=packageable.executable_spec.name, image_path=image)
+
+  requirements = lambda: xm.JobRequirements(  # pylint: disable=g-long-lambda
+      {tpu.resource: xm.Topology(tpu.topology)}, replicas=tpu.hosts)
+  if opts.platform == "tpu_vm":
+    tpu_vm = tpu_vm_executor_class()
+    make_executor = lambda: tpu_vm(  # pylint: disable=g-long-lambda
+        requirements=requirements(), project=opts.project, zone=opts.zone,
+        runtime_version=opts.runtime_version or tpu.runtime_version,
+        spot=opts.spot)
+  else:
+    # Vertex AI counts TPU v2/v3 accelerators in cores (8 for a v3-8).
+    make_executor = lambda: xm_local.Vertex(  # pylint: disable=g-long-lambda
+        requirements=xm.JobRequirements({tpu.resource: tpu.cores},
+                                        replicas=tpu.hosts))
+  job_group = build_job_group(executable, make_executor, opts.num_slices,
+                              binary_args, env)
+  jobs = list(job_group.jobs.values())
+
+  spec: dict[str, Any] = {
+      "name": opts.name,
+      "platform": opts.platform,
+      "accelerator": {**tpu.as_json(), "num_slices": opts.num_slices,
+                      "total_chips": tpu.chips * opts.num_slices,
+                      "total_processes": processes},
+      "binary": {"module": BINARY_MODULE, "args": list(binary_args)},
+      "packageable": _jsonable(packageable),
+      "executable": _jsonable(executable),
+      "job_group": {key: job_json(job) for key, job in job_group.jobs.items()},
+  }
+  if opts.platform == "tpu_vm":
+    spec["tpu_vm"] = tpu_vm_commands(opts.name, jobs[0], opts.num_slices, tpu,
+                                     opts.container_name)
+  else:
+    blockers = vertex_blockers(jobs[0], tpu, opts.num_slices)
+    if blockers:
+      raise LaunchError(
+          f"--platform=vertex cannot run {tpu.accelerator_type} x "
+          f"{opts.num_slices}: " + "; ".join(blockers)
+          + ". Use --platform=tpu_vm.")
+    from xmanager.cloud import vertex  # pylint: disable=g-import-not-at-top
+    spec["vertex"] = {"worker_pools": [
+        {"job": job.name, "machine_spec": _jsonable(vertex.get_machine_spec(job)),
+         "replica_count": job.executor.requirements.replicas,
+         "image_uri": job.executable.image_path, "args": job_args(job),
+         "env": [{"name": k, "value": v} for k, v in job_env(job).items()]}
+        for job in jobs]}
+  spec["notes"] = notes
+  return Plan(opts, tpu, user_args, env, packageable, job_group, spec, notes)
+
+
+# ---------------------------------------------------------------------------
+# Launch
+
+def _run(argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+  print("+ " + shlex.join(argv), file=sys.stderr, flush=True)
+  return subprocess.run(list(argv), check=True, **kwargs)
+
+
+def _wait_active(describe: Sequence[str], timeout: float, every: float = 30.0):
+  deadline = time.monotonic() + timeout
+  while True:
+    state = subprocess.run(list(describe), check=True, capture_output=True,
+                           text=True).stdout.strip()
+    print(f"queued resource: {state}", file=sys.stderr, flush=True)
+    if state == "ACTIVE":
+      return
+    if state in ("FAILED", "SUSPENDING", "SUSPENDED"):
+      raise LaunchError(f"the queued resource is {state}.")
+    if time.monotonic() > deadline:
+      raise LaunchError(f"the queued resource is still {state} after "
+                        f"{timeout:g}s; it stays queued (delete it with "
+                        "gcloud compute tpus queued-resources delete).")
+    time.sleep(every)
+
+
+def launch(plan: Plan) -> None:
+  """Packages with xmanager, then starts the jobs (cloud calls)."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  if not absl_flags.FLAGS.is_parsed():
+    absl_flags.FLAGS.mark_as_parsed()
+  from xmanager import xm_flags  # pylint: disable=g-import-not-at-top
+  if xm_flags.WRAP_LATE_BINDINGS.value:
+    raise LaunchError("--xm_wrap_late_bindings word-splits container "
+                      "arguments; it must stay off.")
+  _, xm_local, _ = import_xmanager()
+  opts = plan.opts
+  with xm_local.create_experiment(experiment_title=opts.name) as experiment:
+    if opts.image and opts.platform == "tpu_vm":
+      executable = None  # the TPU VMs pull the prebuilt image themselves
+    else:
+      [executable] = experiment.package([plan.packageable])
+    plan = make_plan(opts, plan.binary_args, executable)
+    if opts.platform == "vertex":
+      experiment.add(plan.job_group)
+      return
+    commands = plan.spec["tpu_vm"]
+    _run(commands["create"])
+    _wait_active(commands["wait_until_active"], opts.provision_timeout)
+    _run(commands["run"])
+    print("started; follow the logs with:\n  " + shlex.join(commands["logs"]),
+          file=sys.stderr)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  own, binary = split_binary_args(argv)
+  p = argparse.ArgumentParser(
+      prog="launch/xm_launch.py",
+      description="Launch posttrain_jax.main on Cloud TPU with xmanager.",
+      epilog="Training-binary arguments (--gin_file, --gin.NAME=VALUE, "
+             "--gin_bindings, --gin_search_paths, --module_import) are passed "
+             "through unchanged, in order.")
+  p.add_argument("--accelerator", required=True,
+                 help="Cloud TPU type of one slice, e.g. v5p-256, v5litepod-16")
+  p.add_argument("--topology", default=None,
+                 help="slice topology, e.g. 4x4x8 (default: the standard one)")
+  p.add_argument("--num_slices", type=int, default=1,
+                 help="slices connected over DCN (multi-slice)")
+  p.add_argument("--run_dir", default=None,
+                 help="run directory; becomes --gin.RUN_DIR=<quoted>")
+  p.add_argument("--name", default=None,
+                 help="experiment / queued-resource name")
+  p.add_argument("--platform", choices=("tpu_vm", "vertex"), default="tpu_vm")
+  p.add_argument("--project", default=None)
+  p.add_argument("--zone", default=None)
+  p.add_argument("--runtime_version", default=None,
+                 help="TPU VM software version (default per TPU type)")
+  p.add_argument("--spot", action="store_true", help="Spot TPU VMs")
+  p.add_argument("--provision_timeout", type=float, default=3600.0,
+                 help="seconds to wait for the queued resource")
+  p.add_argument("--container_name", default="posttrain_jax")
+  g = p.add_argument_group("image")
+  g.add_argument("--image", default=None,
+                 help="prebuilt image whose entrypoint runs the binary")
+  g.add_argument("--dockerfile", default=None,
+                 help="build this Dockerfile (context: --source)")
+  g.add_argument("--source", default=REPO,
+                 help="directory packaged into the image (default: this repo)")
+  g.add_argument("--base_image", default=DEFAULT_BASE_IMAGE)
+  g.add_argument("--image_tag", default=None,
+                 help="where the built image is pushed (default "
+                      "gcr.io/PROJECT/posttrain_jax:NAME)")
+  p.add_argument("--env", action="append", default=[],
+                 help="extra NAME=VALUE for the jobs' environment (repeatable)")
+  p.add_argument("--dry_run", action="store_true",
+                 help="print the job specification as JSON; no cloud call")
+  opts = p.parse_args(own)
+  opts.source = os.path.abspath(opts.source)
+  if opts.image and opts.dockerfile:
+    raise LaunchError("--image and --dockerfile exclude each other.")
+  if not opts.name:
+    accel = re.sub(r"[^a-z0-9-]", "-", opts.accelerator.lower())
+    opts.name = f"posttrain-{accel}-{time.strftime('%Y%m%d-%H%M%S')}"
+  if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", opts.name):
+    raise LaunchError(f"--name={opts.name!r}: use lowercase letters, digits "
+                      "and '-', starting with a letter (Cloud resource names).")
+  return opts, binary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  try:
+    opts, binary_args = parse_args(sys.argv[1:] if argv is None else argv)
+    plan = make_plan(opts, binary_args)
+    for note in plan.notes:
+      print(f"xm_launch: note: {note}", file=sys.stderr)
+    if opts.dry_run:
+      print(json.dumps(plan.spec, indent=2, ensure_ascii=False))
+      return 0
+    launch(plan)
+  except LaunchError as e:
+    print(f"xm_launch: error: {e}", file=sys.stderr)
+    return 2
+  except subprocess.CalledProcessError as e:
+    print(f"xm_launch: error: {shlex.join(e.cmd)} exited with {e.returncode}",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
