@@ -7,7 +7,10 @@ import setuptools
 # - sentencepiece < 0.2.3: newer wheels need protobuf 7, xmanager pins < 7;
 # - tensorboard: TF 2.21 no longer pulls it in, clu's metric writers need it;
 # - tensorflow (not tensorflow-cpu): tensorflow-text requires it;
-# - importlib_resources: tfds needs it without declaring it.
+# - importlib_resources: tfds needs it without declaring it;
+# - safetensors (+ ml_dtypes for bfloat16): Hugging Face checkpoint import/export;
+# - test extra: torch (CPU wheel) and transformers build the reference Gemma 2
+#   models; trl / mergekit stay out (they pull protobuf 7, xmanager pins < 7).
 INSTALL_REQUIRES = [
     "jax>=0.10.2",
     "flax>=0.12.8",
@@ -25,7 +28,10 @@ INSTALL_REQUIRES = [
     "xmanager>=0.8.5",
     "importlib_resources",
     "numpy",
+    "ml_dtypes",
+    "safetensors>=0.8.0",
 ]
+TEST_REQUIRES = ["pytest>=8", "torch==2.13.0", "transformers>=5.24.0"]
 
 setuptools.setup(
     name="posttrain_jax",
@@ -35,5 +41,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["posttrain_jax", "posttrain_jax.*"]),
     package_data={"posttrain_jax.data": ["corpus/*.txt", "vocab/*.model"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": TEST_REQUIRES},
 )

@@ -32,21 +32,28 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {_path(p): (tuple(x.shape), x.dtype) for p, x in leaves}
 
 
-def check_compatible(saved_tree, abstract_tree, where: str) -> None:
-  """Raises CheckpointMismatchError listing missing, extra and mis-shaped arrays."""
+def check_compatible(saved_tree, abstract_tree, where: str, *,
+                     against: str = "the model", expected_by: str = "model expects",
+                     fix: str | None = None) -> None:
+  """Raises CheckpointMismatchError listing missing, extra and mis-shaped arrays.
+
+  `against`, `expected_by` and `fix` word the message for other sources of the
+  expected shapes (e.g. a Hugging Face config.json).
+  """
   saved, wanted = _shapes(saved_tree), _shapes(abstract_tree)
-  problems = [f"{k}: checkpoint has {saved[k][0]}, model expects {wanted[k][0]}"
+  problems = [f"{k}: checkpoint has {saved[k][0]}, {expected_by} {wanted[k][0]}"
               for k in wanted if k in saved and saved[k][0] != wanted[k][0]]
   problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
-  problems += [f"{k}: in the checkpoint but not in the model" for k in saved
-               if k not in wanted]
+  problems += [f"{k}: in the checkpoint but not in {against.removeprefix('its ')}"
+               for k in saved if k not in wanted]
   if problems:
     shown = "\n  ".join(problems[:8])
     more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+    fix = fix or ("Fix: use the ModelConfig the checkpoint was written with, or "
+                  "start in a fresh run directory.")
     raise CheckpointMismatchError(
-        f"Checkpoint {where} does not match the model ({len(problems)} "
-        f"problem(s)):\n  {shown}{more}\nFix: use the ModelConfig the checkpoint "
-        "was written with, or start in a fresh run directory.")
+        f"Checkpoint {where} does not match {against} ({len(problems)} "
+        f"problem(s)):\n  {shown}{more}\n{fix}")
 
 
 class Checkpointer:

@@ -3,7 +3,10 @@
 `train` takes plain arguments (the binary `posttrain_jax.main` wires them from
 gin). It resumes from the newest checkpoint in `run_dir/checkpoints`, including
 the input pipeline's position, so a preempted run continues exactly where it
-stopped.
+stopped. A fresh run may start from `initial_checkpoint` (a model directory,
+e.g. written by tools/convert_hf.py import, or another run): its parameters,
+a fresh optimizer state and step 0. The run's own checkpoint always wins over
+the initial checkpoint, and the log line says which one was used.
 """
 
 from __future__ import annotations
@@ -13,15 +16,16 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import partitioning
+from posttrain_jax import params_checkpoint, partitioning
 from posttrain_jax.checkpointing import Checkpointer
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.progress import ProgressReporter
-from posttrain_jax.trainer import Trainer
+from posttrain_jax.trainer import Trainer, TrainState
 
 
 @dataclasses.dataclass
@@ -30,6 +34,7 @@ class TrainResult:
   losses: dict[int, float]       # per-step training loss of this invocation
   eval_metrics: dict[int, dict[str, float]]
   resumed_from: int | None
+  initialised_from: str | None = None  # the initial_checkpoint actually used
 
 
 def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
@@ -95,7 +100,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
           num_microbatches: int = 1, z_loss: float = 0.0, seed: int = 0,
           checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
           async_checkpointing: bool = True, log_every: int = 10,
-          operative_config: str | None = None) -> TrainResult:
+          operative_config: str | None = None,
+          initial_checkpoint: str | None = None) -> TrainResult:
   """Trains a decoder LM for `num_steps` optimizer steps.
 
   Args:
@@ -113,6 +119,11 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       the final step is always saved.
     operative_config: text of the gin config, saved as run_dir/config.gin and
       written to TensorBoard.
+    initial_checkpoint: parameters to start a fresh run from: a model directory
+      (DIR/checkpoint + DIR/model.gin, see params_checkpoint) or a run directory
+      (its newest step's params). Restored onto the trainer's shardings (either
+      scanned/unscanned layout), with a fresh optimizer state at step 0. Ignored,
+      with a log line saying so, once run_dir has a checkpoint of its own.
   """
   os.makedirs(run_dir, exist_ok=True)
   if operative_config and jax.process_index() == 0:
@@ -128,12 +139,23 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
                               async_save=async_checkpointing)
   data = _train_iterator(train_data)
   resumed_from = checkpointer.latest_step()
+  initialised_from = None
   if resumed_from is not None:
     state, data_state = checkpointer.restore(resumed_from, trainer.abstract_state)
     if "train" in data_state:
       data.set_state(data_state["train"])
+    origin = f"resumed from step {resumed_from}"
+    if initial_checkpoint:
+      origin += (f" of the run's own checkpoint (it wins over initial_checkpoint "
+                 f"{initial_checkpoint}, which is ignored)")
+  elif initial_checkpoint:
+    state = state_from_initial_checkpoint(trainer, model_config, initial_checkpoint)
+    initialised_from = os.path.abspath(initial_checkpoint)
+    _copy_hf_metadata(initialised_from, run_dir)
+    origin = f"initialised from initial_checkpoint {initialised_from}"
   else:
     state = trainer.init_state(jax.random.key(seed))
+    origin = "initialised"
   start = int(jax.device_get(state.step))
 
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
@@ -141,9 +163,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   if operative_config:
     reporter.write_text(start, "config", operative_config)
   params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  reporter.print(
-      f"{'resumed from step ' + str(start) if resumed_from is not None else 'initialised'}"
-      f" | {params_count:,} params | mesh {dict(mesh.shape)} | run_dir {run_dir}")
+  reporter.print(f"{origin} | {params_count:,} params | mesh {dict(mesh.shape)} | "
+                 f"run_dir {run_dir}")
 
   eval_set = (_eval_batches(eval_data, eval_batches)
               if eval_data is not None and (eval_every or num_steps > start) else None)
@@ -163,4 +184,26 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
     reporter.close()
     checkpointer.close()
   return TrainResult(final_step=max(start, num_steps), losses=dict(reporter.history),
-                     eval_metrics=eval_metrics, resumed_from=resumed_from)
+                     eval_metrics=eval_metrics, resumed_from=resumed_from,
+                     initialised_from=initialised_from)
+
+
+def state_from_initial_checkpoint(trainer: Trainer, model_config: ModelConfig,
+                                  directory: str) -> TrainState:
+  """Step 0, the checkpoint's params on the trainer's shardings, fresh opt state."""
+  if not os.path.exists(directory):
+    raise FileNotFoundError(f"initial_checkpoint {directory} does not exist.")
+  params = params_checkpoint.restore_params(directory, trainer.abstract_state.params,
+                                            model_config)
+  shardings = trainer.state_shardings
+  opt_state = jax.jit(trainer.tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step, params, opt_state)
+
+
+def _copy_hf_metadata(source: str, run_dir: str) -> None:
+  """Keeps the HF export metadata with the run, so the run can be exported."""
+  metadata = params_checkpoint.read_hf_metadata(source)
+  if metadata is not None and jax.process_index() == 0:
+    metadata["initial_checkpoint"] = source
+    params_checkpoint.write_hf_metadata(run_dir, metadata)
