@@ -192,13 +192,22 @@ def call(fn: Callable, *args, **kwargs):
 def run_main(main: Callable[[Sequence[str]], int | None],
              argv: Sequence[str] | None = None) -> None:
   """Runs `main(argv)`; a ConfigError prints one line and exits with status 2."""
+  from posttrain_jax import distributed  # pylint: disable=g-import-not-at-top
   argv = sys.argv[1:] if argv is None else argv
   try:
-    code = main(argv)
+    code = main(argv) or 0
   except ConfigError as e:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if prog in ("", "main.py", "__main__.py", "-c"):
       prog = "posttrain_jax"
     print(f"{prog}: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  sys.exit(code or 0)
+    code = 2
+  except BaseException:  # a crash in one process of a multi-process job
+    if distributed.is_initialized():
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
+      distributed.exit_now(1)
+    raise
+  if code and distributed.is_initialized():
+    distributed.exit_now(code)
+  sys.exit(code)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import os
+import sys
 
 import jax
 
@@ -25,11 +26,26 @@ PROCESS_ID = "POSTTRAIN_JAX_PROCESS_ID"
 AUTO = "POSTTRAIN_JAX_DISTRIBUTED"
 
 
+_initialized = False
+
+
+def is_initialized() -> bool:
+  """Whether this process joined a multi-process job through initialize_from_env."""
+  return _initialized
+
+
 def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
   """Initializes jax.distributed if the environment asks for it; returns whether it did."""
+  global _initialized
   env = os.environ if environ is None else environ
   if env.get(AUTO, "").lower() == "auto":
     jax.distributed.initialize()
+    _initialized = True
+    expected = env.get(NUM_PROCESSES)
+    if expected and jax.process_count() != int(expected):
+      raise ValueError(
+          f"jax.distributed found {jax.process_count()} processes but the launcher "
+          f"started {expected} ({NUM_PROCESSES}): the hosts or slices did not all join.")
     return True
   given = {k: env.get(k) for k in (COORDINATOR, NUM_PROCESSES, PROCESS_ID)}
   if not any(given.values()):
@@ -47,4 +63,17 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
     raise ValueError(f"{PROCESS_ID}={pid} is outside [0, {NUM_PROCESSES}={num}).")
   jax.distributed.initialize(coordinator_address=given[COORDINATOR],
                              num_processes=num, process_id=pid)
+  _initialized = True
   return True
+
+
+def exit_now(code: int) -> None:
+  """Leaves at once with `code`, flushing output first.
+
+  After jax.distributed.initialize a normal exit waits in the shutdown barrier
+  for every other process (minutes when one has failed), hiding the failure
+  from the launcher; a failed process must leave immediately.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access

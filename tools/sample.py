@@ -1,0 +1,147 @@
+"""Samples continuations of prompts from a checkpoint with the KV-cache sampler.
+
+  python tools/sample.py --checkpoint_dir DIR --prompts_file PROMPTS.jsonl \
+      --out OUT.jsonl [--greedy | --temperature T --top_k K --top_p P] \
+      --max_new_tokens N [--batch_size B] [--vocab tokenizer.model] [--seed S]
+
+DIR is a model directory (tools/convert_hf.py import) or a training run
+directory (its newest checkpoint, or --step). Each prompt line is
+{"tokens": [ids...]} or {"text": "..."} (text needs a SentencePiece vocabulary:
+--vocab, else DIR/hf_files/tokenizer.model, else the shipped 2k vocabulary
+when the model's vocab_size matches it). Each output line holds the prompt
+index, the prompt and generated token ids, the generated text when a
+vocabulary is known, and per-token log-probs under the sampling distribution
+and the model. Imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+
+from posttrain_jax import cli, params_checkpoint, partitioning
+from posttrain_jax.sampling import Sampler, SamplingConfig
+
+SHIPPED_VOCAB = os.path.join(_REPO, "posttrain_jax", "data", "vocab", "pydoc_sp2k.model")
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint_dir", required=True)
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--model_gin", default=None, help="ModelConfig gin file, if not in DIR")
+  p.add_argument("--prompts_file", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--greedy", action="store_true")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=None)
+  p.add_argument("--top_p", type=float, default=None)
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--max_cache_length", type=int, default=None,
+                 help="bound on prompt length + max_new_tokens (default: none)")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--eos_id", type=int, default=1)
+  p.add_argument("--vocab", default=None, help="SentencePiece model for text")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--ici", default="data=-1", help="mesh degrees, e.g. data=2,tensor=4")
+  return p.parse_args(argv)
+
+
+def load_vocab(path: str | None, checkpoint_dir: str, vocab_size: int):
+  """A SentencePieceProcessor, or None when no vocabulary applies."""
+  import sentencepiece as spm
+  if path is None:
+    hf_tok = os.path.join(checkpoint_dir, params_checkpoint.HF_FILES, "tokenizer.model")
+    if os.path.isfile(hf_tok):
+      path = hf_tok
+    else:
+      shipped = spm.SentencePieceProcessor(model_file=SHIPPED_VOCAB)
+      return shipped if shipped.get_piece_size() == vocab_size else None
+  if not os.path.isfile(path):
+    raise cli.ConfigError(f"--vocab {path}: file not found.")
+  return spm.SentencePieceProcessor(model_file=path)
+
+
+def read_prompts(path: str, vocab) -> list[list[int]]:
+  prompts = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise cli.ConfigError(f"{path}:{n}: not a JSON line ({e.msg}).") from e
+      if "tokens" in record:
+        prompts.append([int(t) for t in record["tokens"]])
+      elif "text" in record:
+        if vocab is None:
+          raise cli.ConfigError(f"{path}:{n}: a text prompt needs a vocabulary; pass "
+                                "--vocab tokenizer.model or give {\"tokens\": [...]}.")
+        prompts.append(vocab.encode(record["text"]))
+      else:
+        raise cli.ConfigError(f"{path}:{n}: expected a \"tokens\" or \"text\" field.")
+  if not prompts:
+    raise cli.ConfigError(f"{path}: no prompts.")
+  return prompts
+
+
+def main(argv) -> int:
+  args = parse_args(argv)
+  try:
+    location = params_checkpoint.locate(args.checkpoint_dir, args.step)
+    cfg = params_checkpoint.model_config_of(location, args.model_gin)
+  except (FileNotFoundError, ValueError) as e:
+    raise cli.ConfigError(str(e)) from e
+  vocab = load_vocab(args.vocab, args.checkpoint_dir, cfg.vocab_size)
+  prompts = read_prompts(args.prompts_file, vocab)
+  try:
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, greedy=args.greedy, eos_id=args.eos_id)
+    ici = {k: int(v) for k, v in (kv.split("=") for kv in args.ici.split(",") if kv)}
+    mesh = partitioning.create_mesh(ici)
+    sampler = Sampler(cfg, config, mesh, max_cache_length=args.max_cache_length)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        params_checkpoint.abstract_params(cfg), sampler.param_shardings)
+    params = params_checkpoint.restore_params(args.checkpoint_dir, abstract, cfg,
+                                              step=args.step)
+    prompt_length = max(len(p) for p in prompts)
+    rng = jax.random.key(args.seed)
+    rows = []
+    for start in range(0, len(prompts), args.batch_size):
+      chunk = prompts[start:start + args.batch_size]
+      padded = chunk + [chunk[0]] * (args.batch_size - len(chunk))  # one compiled shape
+      out = jax.device_get(sampler(params, padded, jax.random.fold_in(rng, start),
+                                   prompt_length=prompt_length))
+      for i, prompt in enumerate(chunk):
+        gen = np.asarray(out.generated_mask[i])
+        tokens = np.asarray(out.tokens[i])[gen].tolist()
+        row = {"index": start + i, "prompt_tokens": prompt, "tokens": tokens,
+               "sampling_logprobs": np.asarray(out.sampling_logprobs[i])[gen].tolist(),
+               "model_logprobs": np.asarray(out.model_logprobs[i])[gen].tolist()}
+        if vocab is not None:
+          row["text"] = vocab.decode([t for t in tokens if t != args.eos_id])
+        rows.append(row)
+  except ValueError as e:
+    raise cli.ConfigError(str(e)) from e
+  with open(args.out, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  print(f"wrote {len(rows)} samples to {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run_main(main)
