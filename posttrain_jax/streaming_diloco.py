@@ -1,0 +1,605 @@
+"""Streaming DiLoCo (Douillard et al., 2025, arXiv 2501.18512) around any inner step.
+
+M replicas train independently with an inner optimizer; the parameters are
+split into fragments (`fragments.py`) that are synchronised on a staggered
+schedule. For fragment p, after inner step t:
+
+  if (t - t_p) mod H == 0:        Δ_{m,p} = θ̃_p - θ_{m,p}; quantize (FP4 E3M0 by
+                                  default, `quantization.py`); exchange;
+                                  Δ_p = fp32 mean over participating replicas
+                                  of the dequantized values; keep it in flight
+  if (t - t_p - τ) mod H == 0:    θ̃_p <- OuterOpt(θ̃_p, Δ_p)   (Nesterov SGD)
+                                  θ_{m,p} <- α θ_{m,p} + (1 - α) θ̃_p   (every m)
+
+With τ = 0 both happen after the same step (exchange first). The outer
+parameters θ̃ are the ones to evaluate (`outer_params`).
+
+Wrapping. `inner_step(state, batch) -> (state, metrics)` is any pure step whose
+state has a `.params` field (trainer.TrainState, or distillation / RL states).
+`diloco_step` vmaps it over a leading replica axis M of the state and batch
+([M, B/M, ...]), with `spmd_axis_name` so sharding constraints inside the step
+put the vmapped axis on the "replica" mesh axis (whose rules must then leave
+"replica" out of the batch axes: see `without_mesh_axis`).
+
+The exchange inside one program. Δ_{m,p} passes through
+`quantization.fake_quantize` (bit-identical to dequantize(quantize(.)) of the
+real codes), then the mean over the replica axis (an all-reduce over "replica"
+when it is sharded). So the numerics are those of exchanging codes and reducing
+in fp32; the wire bytes are counted statically (`Traffic`).
+
+Schedule compilation. The schedule is static (Python): `SyncSchedule.event(t)`
+gives the (sync, apply) fragment sets after step t, at most 2F + 1 distinct
+events whatever H is. A step runs as two jitted programs picked on the host from
+its step number: the inner program (the vmapped inner step, the same for every
+step, compiled once) and, when the event is not empty, that event's outer
+program (its exchanges and outer updates only, compiled once per distinct event
+and small: fragment-sized work plus in-place merges into the donated replica
+params). Why not one program per event: each would recompile the whole inner
+step, up to 2F + 1 times (minutes each at scale). Why not `lax.switch` on the
+step counter: every branch would have to return the whole state (copies of
+replica params in the no-op branches) and would hide collectives inside
+conditionals. `diloco_step` composes the two pure functions for callers that
+want a single program.
+
+Dropped replicas. `participating` ([M], 0/1) leaves replicas out of a sync: Δ_p
+is the mean over participants only (a dropped replica's pseudo-gradient is
+never sent); every replica, dropped or not, is still merged at the apply step.
+If nobody participates, the fragment's outer update and merge are skipped (θ̃_p,
+its momentum and the replicas' θ_{m,p} stay as they are).
+
+Outer optimizer state is kept per fragment (tx.init of the fragment's values),
+so any elementwise optax optimizer steps each fragment once per window.
+
+Bytes (`Traffic`, host-side Python ints; static per event). One replica's
+payload for fragment p is the sum over its tensors (each per-layer slice of a
+scanned leaf is its own tensor) of `quantization.bytes_of` in the exchange
+format: FP4 is |fragment| * 4 bits + 4 bytes per scale. `ByteCounter` sums, per
+step: sent_bytes (payload x participating replicas), replica_bytes (what one
+always-participating replica sent), peak_step_bytes (the most one replica sends
+after one step), and the data-parallel equivalents: each replica all-reducing
+its full gradient every step, n_params x dp_bytes_per_param (default: the
+params' dtype size; fp32 here) per replica per step.
+
+Hyperparameter provenance: H = 100, τ = 1, α = 0.5, M = 2, fragments of 3
+layers, strided, FP4 E3M0 [V/S]; outer lr 0.4 [S]; outer momentum 0.9, per-tensor
+FP4 scales, fragment offsets t_p = round(p H / F) [M] (reconstructions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from posttrain_jax import fragments as fr
+from posttrain_jax import partitioning, quantization
+from posttrain_jax.trainer import Trainer, TrainState, _MeshRules, train_step
+
+REPLICA_AXIS = "replica"
+InnerStep = Callable[[Any, Any], tuple[Any, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DiLoCoConfig:
+  """Streaming DiLoCo hyperparameters (see the module docstring for sources).
+
+  Attributes:
+    num_replicas: M.
+    sync_every: H, inner steps between two syncs of one fragment.
+    num_fragments: P layer fragments; None -> one per 3 layers (or scanned
+      groups), at least 1.
+    pattern: "strided" or "sequential" (fragments.PATTERNS).
+    embeddings: "join" (non-layer params in fragment 0) or "separate".
+    overlap: τ, steps between an exchange's start and its outer update; < H.
+    alpha: merge weight of the local replica params (0 = replace by θ̃).
+    outer_lr, outer_momentum, nesterov: optax.sgd of the outer step
+      (momentum 0 means plain SGD).
+    quantization: exchange format, one of quantization.FORMATS.
+    quant_block: None = one scale per tensor, K = one per K elements.
+    dp_bytes_per_param: bytes per parameter of the data-parallel baseline's
+      gradient all-reduce; None = the params' dtype size.
+  """
+
+  num_replicas: int = 2
+  sync_every: int = 100
+  num_fragments: int | None = None
+  pattern: str = "strided"
+  embeddings: str = "join"
+  overlap: int = 1
+  alpha: float = 0.5
+  outer_lr: float = 0.4
+  outer_momentum: float = 0.9
+  nesterov: bool = True
+  quantization: str = "fp4_e3m0"
+  quant_block: int | None = None
+  dp_bytes_per_param: int | None = None
+
+  def __post_init__(self):
+    if self.num_replicas < 1:
+      raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}.")
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+    quantization.bytes_of((1,), self.quantization, self.quant_block)  # validates
+    fr.SyncSchedule(1, self.sync_every, self.overlap)  # validates H and tau
+
+  def outer_optimizer(self) -> optax.GradientTransformation:
+    momentum = self.outer_momentum or None
+    return optax.sgd(self.outer_lr, momentum=momentum,
+                     nesterov=self.nesterov and momentum is not None)
+
+  def make_fragments(self, params) -> tuple[fr.Fragment, ...]:
+    num = self.num_fragments
+    if num is None:
+      num = max(1, fr.layer_structure(params)[1] // 3)
+    return fr.make_fragments(params, num, self.pattern, self.embeddings)
+
+
+@flax.struct.dataclass
+class DiLoCoState:
+  """step: inner steps taken; replicas: the inner state with a leading [M] axis
+  on every leaf; outer_params: θ̃ (one copy); outer_opt_state: one per
+  fragment; inflight: per fragment {"delta": averaged Δ_p (fp32, by selector
+  name), "count": participants of its last exchange}."""
+
+  step: jax.Array
+  replicas: Any
+  outer_params: Any
+  outer_opt_state: tuple
+  inflight: tuple
+
+
+def outer_params(state: DiLoCoState):
+  """The parameters to evaluate (θ̃)."""
+  return state.outer_params
+
+
+def replica_params(state: DiLoCoState, m: int):
+  return jax.tree.map(lambda x: x[m], state.replicas.params)
+
+
+def replica_average_params(state: DiLoCoState):
+  return jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), 0).astype(x.dtype),
+                      state.replicas.params)
+
+
+def init_state(inner_state, fragments: Sequence[fr.Fragment],
+               outer_tx: optax.GradientTransformation, num_replicas: int) -> DiLoCoState:
+  """Every replica starts from `inner_state`; θ̃ = its params."""
+  replicas = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_replicas,) + x.shape),
+                          inner_state)
+  params = inner_state.params
+  opt = tuple(outer_tx.init(fr.take(params, f)) for f in fragments)
+  inflight = tuple({"delta": {k: jnp.zeros(v.shape, jnp.float32)
+                              for k, v in fr.take(params, f).items()},
+                    "count": jnp.zeros((), jnp.float32)} for f in fragments)
+  return DiLoCoState(jnp.zeros((), jnp.int32), replicas, params, opt, inflight)
+
+
+def _quantize_selected(delta, frag: fr.Fragment, fmt: str, block: int | None):
+  """Per-replica, per-tensor fake quantization of a fragment's Δ ([M, ...])."""
+  rows = {s.name: s.rows is not None for s in frag.selectors}
+
+  def one(name, x):
+    q = functools.partial(quantization.fake_quantize, format=fmt, block=block)
+    if rows[name]:  # scanned slice: one tensor per layer (group) row
+      q = jax.vmap(q)
+    return jax.vmap(q)(x)
+  return {k: one(k, v) for k, v in delta.items()}
+
+
+def exchange(outer, replica_params_, frag: fr.Fragment, participating: jax.Array,
+             fmt: str = "fp4_e3m0", block: int | None = None):
+  """Averaged pseudo-gradient of one fragment: (Δ_p by selector name, count).
+
+  Δ_{m,p} = θ̃_p - θ_{m,p} in fp32, quantized per replica and tensor, then the
+  fp32 mean over replicas with participating[m] = 1.
+  """
+  theta = fr.take(outer, frag)
+  local = jax.vmap(lambda t: fr.take(t, frag))(replica_params_)
+  delta = {k: theta[k].astype(jnp.float32)[None] - local[k].astype(jnp.float32)
+           for k in theta}
+  delta = _quantize_selected(delta, frag, fmt, block)
+  w = participating.astype(jnp.float32)
+  count = jnp.sum(w)
+  mean = {k: jnp.tensordot(w, v, axes=1) / jnp.maximum(count, 1.0)
+          for k, v in delta.items()}
+  return mean, count
+
+
+def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, count,
+                outer_tx: optax.GradientTransformation, alpha: float):
+  """Outer step on fragment p and merge of every replica's fragment p.
+  Skipped (all unchanged) when count == 0."""
+  theta = fr.take(outer, frag)
+  updates, new_opt = outer_tx.update(delta, outer_opt, theta)
+  new_theta = optax.apply_updates(theta, updates)
+  ok = count > 0
+  new_theta = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_theta, theta)
+  new_opt = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_opt, outer_opt)
+
+  def merge(local):
+    mine = fr.take(local, frag)
+    merged = {k: (alpha * v.astype(jnp.float32)
+                  + (1.0 - alpha) * new_theta[k].astype(jnp.float32))
+              for k, v in mine.items()}
+    merged = {k: jnp.where(ok, merged[k], mine[k]) for k in mine}
+    return fr.put(local, frag, merged)
+  return (fr.put(outer, frag, new_theta), new_opt, jax.vmap(merge)(replica_params_))
+
+
+def inner_update(state: DiLoCoState, batch, *, inner_step: InnerStep,
+                 spmd_axis_name: str | None = None):
+  """Every replica takes one inner step (vmapped); batch leaves are [M, B/M, ...].
+  Metrics are replica means, plus loss_per_replica."""
+  replicas, metrics = jax.vmap(inner_step, spmd_axis_name=spmd_axis_name)(
+      state.replicas, batch)
+  out = {k: jnp.mean(v) for k, v in metrics.items()}
+  if "loss" in metrics:
+    out["loss_per_replica"] = metrics["loss"]
+  return state.replace(step=state.step + 1, replicas=replicas), out
+
+
+def outer_update(state: DiLoCoState, participating: jax.Array, *,
+                 fragments: Sequence[fr.Fragment], event: fr.Event,
+                 outer_tx: optax.GradientTransformation, alpha: float,
+                 quantization_format: str = "fp4_e3m0",
+                 quant_block: int | None = None) -> DiLoCoState:
+  """`event`'s exchanges (first) and outer updates + merges."""
+  params = state.replicas.params
+  outer, opt, inflight = state.outer_params, list(state.outer_opt_state), list(
+      state.inflight)
+  for p in event.sync:
+    delta, count = exchange(outer, params, fragments[p], participating,
+                            quantization_format, quant_block)
+    inflight[p] = {"delta": delta, "count": count}
+  for p in event.apply:
+    outer, opt[p], params = apply_outer(outer, opt[p], params, fragments[p],
+                                        inflight[p]["delta"], inflight[p]["count"],
+                                        outer_tx, alpha)
+  return state.replace(replicas=state.replicas.replace(params=params),
+                       outer_params=outer, outer_opt_state=tuple(opt),
+                       inflight=tuple(inflight))
+
+
+def diloco_step(state: DiLoCoState, batch, participating: jax.Array, *,
+                inner_step: InnerStep, fragments: Sequence[fr.Fragment],
+                event: fr.Event, outer_tx: optax.GradientTransformation,
+                alpha: float, quantization_format: str = "fp4_e3m0",
+                quant_block: int | None = None, spmd_axis_name: str | None = None):
+  """One whole Streaming DiLoCo step as one pure function: inner_update then
+  outer_update for `event`."""
+  state, metrics = inner_update(state, batch, inner_step=inner_step,
+                                spmd_axis_name=spmd_axis_name)
+  state = outer_update(state, participating, fragments=fragments, event=event,
+                       outer_tx=outer_tx, alpha=alpha,
+                       quantization_format=quantization_format,
+                       quant_block=quant_block)
+  return state, metrics
+
+
+# ------------------------------------------------------------------ traffic
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+  """Static wire sizes: payload_bytes[p] is what one replica sends when
+  fragment p syncs; dp_step_bytes what it sends per data-parallel step."""
+
+  payload_bytes: tuple[int, ...]
+  dp_step_bytes: int
+  num_params: int
+
+  @classmethod
+  def build(cls, params, fragments: Sequence[fr.Fragment], fmt: str,
+            block: int | None, dp_bytes_per_param: int | None = None) -> "Traffic":
+    leaves = fr._leaves_by_path(params)  # pylint: disable=protected-access
+    payload = []
+    for f in fragments:
+      total = 0
+      for s in f.selectors:
+        shape = leaves[s.path].shape
+        if s.rows is None:
+          total += quantization.bytes_of(shape, fmt, block)
+        else:
+          total += len(range(*s.rows)) * quantization.bytes_of(shape[1:], fmt, block)
+      payload.append(total)
+    num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    per = dp_bytes_per_param or max(np.dtype(x.dtype).itemsize
+                                    for x in jax.tree.leaves(params))
+    return cls(tuple(payload), num * per, num)
+
+  @property
+  def full_sync_bytes(self) -> int:
+    return sum(self.payload_bytes)
+
+  def step_bytes(self, event: fr.Event) -> int:
+    return sum(self.payload_bytes[p] for p in event.sync)
+
+
+@dataclasses.dataclass
+class ByteCounter:
+  """Cumulative traffic of a run (host-side; see the module docstring)."""
+
+  traffic: Traffic
+  num_replicas: int
+  steps: int = 0
+  sent_bytes: int = 0
+  replica_bytes: int = 0
+  peak_step_bytes: int = 0
+
+  def update(self, event: fr.Event, participants: int | None = None) -> None:
+    n = self.num_replicas if participants is None else int(participants)
+    step = self.traffic.step_bytes(event)
+    self.steps += 1
+    self.replica_bytes += step
+    self.sent_bytes += step * n
+    self.peak_step_bytes = max(self.peak_step_bytes, step)
+
+  @property
+  def dp_replica_bytes(self) -> int:
+    return self.steps * self.traffic.dp_step_bytes
+
+  @property
+  def dp_sent_bytes(self) -> int:
+    return self.dp_replica_bytes * self.num_replicas
+
+  def as_dict(self) -> dict[str, int]:
+    return {"sent_bytes": self.sent_bytes, "replica_bytes": self.replica_bytes,
+            "peak_step_bytes": self.peak_step_bytes,
+            "dp_replica_bytes": self.dp_replica_bytes,
+            "dp_sent_bytes": self.dp_sent_bytes,
+            "dp_peak_step_bytes": self.traffic.dp_step_bytes}
+
+
+# ------------------------------------------------------------------ wrappers
+
+class StreamingDiLoCo:
+  """Streaming DiLoCo around any inner step: one jitted inner program plus one
+  small jitted outer program per distinct schedule event.
+
+  No explicit shardings (jit infers them from the inputs); `DiLoCoTrainer`
+  adds the mesh for the LM trainer.
+
+  Usage:
+    algo = StreamingDiLoCo(config, inner_step, params)
+    state = algo.init(inner_state)
+    for step in range(num_steps):
+      state, metrics = algo.train_step(state, batch_mb, step)  # batch [M, B/M, ...]
+  """
+
+  def __init__(self, config: DiLoCoConfig, inner_step: InnerStep, params,
+               spmd_axis_name: str | None = None):
+    self.config = config
+    self.inner_step = inner_step
+    self.fragments = config.make_fragments(params)
+    self.schedule = fr.SyncSchedule(len(self.fragments), config.sync_every,
+                                    config.overlap)
+    self.outer_tx = config.outer_optimizer()
+    self.traffic = Traffic.build(params, self.fragments, config.quantization,
+                                 config.quant_block, config.dp_bytes_per_param)
+    self.spmd_axis_name = spmd_axis_name
+    self._inner: Callable | None = None
+    self._outer: dict[fr.Event, Callable] = {}
+
+  def new_counter(self) -> ByteCounter:
+    return ByteCounter(self.traffic, self.config.num_replicas)
+
+  def init_fn(self, inner_state) -> DiLoCoState:
+    return init_state(inner_state, self.fragments, self.outer_tx,
+                      self.config.num_replicas)
+
+  def init(self, inner_state) -> DiLoCoState:
+    return jax.jit(self.init_fn)(inner_state)
+
+  def event(self, step: int) -> fr.Event:
+    """The event of the step taken when `step` inner steps are done."""
+    return self.schedule.event(step + 1)
+
+  def inner_fn(self) -> Callable:
+    """Pure (state, batch [M, ...]) -> (state, metrics)."""
+    return functools.partial(inner_update, inner_step=self.inner_step,
+                             spmd_axis_name=self.spmd_axis_name)
+
+  def outer_fn(self, event: fr.Event) -> Callable:
+    """Pure (state, participating [M]) -> state for `event`."""
+    c = self.config
+    return functools.partial(
+        outer_update, fragments=self.fragments, event=event, outer_tx=self.outer_tx,
+        alpha=c.alpha, quantization_format=c.quantization, quant_block=c.quant_block)
+
+  def _jit_inner(self, fn):
+    return _jit_inner_cached(self.inner_step, self.spmd_axis_name)
+
+  def _jit_outer(self, fn):
+    return jax.jit(fn, donate_argnums=(0,))
+
+  def compiled_inner(self) -> Callable:
+    if self._inner is None:
+      self._inner = self._jit_inner(self.inner_fn())
+    return self._inner
+
+  def compiled_outer(self, event: fr.Event) -> Callable:
+    if event not in self._outer:
+      self._outer[event] = self._jit_outer(self.outer_fn(event))
+    return self._outer[event]
+
+  def participation(self, participating=None) -> jax.Array:
+    m = self.config.num_replicas
+    if participating is None:
+      return jnp.ones((m,), jnp.float32)
+    participating = jnp.asarray(participating, jnp.float32)
+    if participating.shape != (m,):
+      raise ValueError(f"participating must have shape ({m},), got "
+                       f"{participating.shape}.")
+    return participating
+
+  def train_step(self, state: DiLoCoState, batch, step: int | None = None,
+                 participating=None):
+    """`step` = inner steps already taken (= state.step), which the host loop
+    knows; None reads state.step from the device (a synchronisation)."""
+    if step is None:
+      step = int(jax.device_get(state.step))
+    state, metrics = self.compiled_inner()(state, batch)
+    event = self.event(step)
+    if event.sync or event.apply:
+      state = self.compiled_outer(event)(state, self.participation(participating))
+    return state, metrics
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_inner_cached(inner_step, spmd_axis_name):
+  """One jitted inner program per inner step (shared by StreamingDiLoCo
+  instances with the same inner step, e.g. in tests)."""
+  return jax.jit(functools.partial(inner_update, inner_step=inner_step,
+                                   spmd_axis_name=spmd_axis_name),
+                 donate_argnums=(0,))
+
+
+def without_mesh_axis(rules, axis: str = REPLICA_AXIS):
+  """Logical-axis rules with `axis` removed (used inside the replica vmap,
+  where the vmapped dimension already occupies it)."""
+  out = []
+  for name, mesh_axes in rules:
+    if isinstance(mesh_axes, (tuple, list)):
+      kept = tuple(a for a in mesh_axes if a != axis)
+      mesh_axes = kept if len(kept) > 1 else (kept[0] if kept else None)
+    elif mesh_axes == axis:
+      mesh_axes = None
+    out.append((name, mesh_axes))
+  return tuple(out)
+
+
+def split_replicas(batch, num_replicas: int):
+  """[B, ...] -> [M, B/M, ...]: replica m gets rows [m B/M, (m+1) B/M), i.e. with
+  one process per replica, that process's own rows."""
+  def split(x):
+    if x.shape[0] % num_replicas:
+      raise ValueError(f"Batch size {x.shape[0]} is not divisible by "
+                       f"num_replicas {num_replicas}.")
+    return x.reshape((num_replicas, x.shape[0] // num_replicas) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+class DiLoCoTrainer:
+  """Streaming DiLoCo for the LM `trainer.train_step`, partitioned like
+  `Trainer`: replica states are sharded P("replica", *param_spec), θ̃ and the
+  outer/in-flight state like the params (replicated over "replica").
+
+  The loop feeds the same global [B, T] batches as for `Trainer`
+  (`shard_batch`); the step splits them into M contiguous row blocks, one per
+  replica. `train_step(state, batch, step)` takes the host's step count to pick
+  the event's program; `event(step)` and a `ByteCounter` (`new_counter`) give
+  the traffic. Evaluate `state.outer_params` with `eval_sums`.
+  """
+
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, mesh: jax.sharding.Mesh,
+               config: DiLoCoConfig, rules=partitioning.DEFAULT_RULES,
+               num_microbatches: int = 1, z_loss: float = 0.0,
+               inner_step: InnerStep | None = None):
+    self.mesh, self.rules, self.config = mesh, rules, config
+    self.inner_rules = without_mesh_axis(rules)
+    self.trainer = Trainer(model, tx, schedule, mesh, rules,
+                           num_microbatches=num_microbatches, z_loss=z_loss)
+    inner_step = inner_step or functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule,
+        num_microbatches=num_microbatches, z_loss=z_loss)
+    self.algo = StreamingDiLoCo(config, inner_step, self.trainer.abstract_state.params,
+                                spmd_axis_name=REPLICA_AXIS)
+    self.algo._jit_inner = self._jit_inner  # pylint: disable=protected-access
+    self.algo._jit_outer = self._jit_outer  # pylint: disable=protected-access
+    self.fragments, self.schedule = self.algo.fragments, self.algo.schedule
+    self.traffic = self.algo.traffic
+
+    r = mesh.shape[REPLICA_AXIS]
+    if config.num_replicas % r:
+      raise ValueError(f"num_replicas {config.num_replicas} is not divisible by the "
+                       f"mesh's replica axis ({r}).")
+    replicated = partitioning.replicated(mesh)
+    stack = lambda s: NamedSharding(mesh, PartitionSpec(
+        REPLICA_AXIS if r > 1 else None, *s.spec))
+    param_sh = self.trainer.param_shardings
+
+    def frag_sharding(s, rows):
+      return s if rows is None else NamedSharding(mesh, PartitionSpec(None, *s.spec[1:]))
+
+    frag_sh = [fr.take_like(param_sh, f, frag_sharding) for f in self.fragments]
+    abstract = jax.eval_shape(self.algo.init_fn, self.trainer.abstract_state)
+    opt_sh = tuple(optax.tree_map_params(self.algo.outer_tx, lambda _, s: s, o, sh,
+                                         transform_non_params=lambda _: replicated)
+                   for o, sh in zip(abstract.outer_opt_state, frag_sh))
+    self.state_shardings = DiLoCoState(
+        replicated, jax.tree.map(stack, self.trainer.state_shardings), param_sh,
+        opt_sh, tuple({"delta": sh, "count": replicated} for sh in frag_sh))
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, self.state_shardings)
+    self.batch_sharding = self.trainer.batch_sharding
+    inner_batch = partitioning.batch_sharding(mesh, self.inner_rules).spec
+    self._replica_batch_spec = PartitionSpec(REPLICA_AXIS if r > 1 else None,
+                                             *inner_batch)
+    self._init = jax.jit(lambda rng: self.algo.init_fn(self.trainer._init_state(rng)),  # pylint: disable=protected-access
+                         out_shardings=self.state_shardings)
+    self._from_params = jax.jit(self._state_from_params,
+                                in_shardings=(param_sh,),
+                                out_shardings=self.state_shardings)
+
+  def _state_from_params(self, params):
+    inner = TrainState(jnp.zeros((), jnp.int32), params, self.trainer.tx.init(params))
+    return self.algo.init_fn(inner)
+
+  def _jit_inner(self, inner_fn):
+    m = self.config.num_replicas
+    spec = self._replica_batch_spec
+
+    def fn(state, batch):
+      batch = split_replicas(batch, m)
+      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+          x, NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))), batch)
+      return inner_fn(state, batch)
+    replicated = partitioning.replicated(self.mesh)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, replicated),
+                   donate_argnums=(0,))
+
+  def _jit_outer(self, outer_fn):
+    replicated = partitioning.replicated(self.mesh)
+    return jax.jit(outer_fn, in_shardings=(self.state_shardings, replicated),
+                   out_shardings=self.state_shardings, donate_argnums=(0,))
+
+  def init_state(self, rng: jax.Array) -> DiLoCoState:
+    with _MeshRules(self.mesh, self.rules):
+      return self._init(rng)
+
+  def state_from_params(self, params) -> DiLoCoState:
+    """Step 0 from given params (e.g. an initial checkpoint), fresh optimizers."""
+    with _MeshRules(self.mesh, self.rules):
+      return self._from_params(params)
+
+  def event(self, step: int) -> fr.Event:
+    return self.algo.event(step)
+
+  def new_counter(self) -> ByteCounter:
+    return self.algo.new_counter()
+
+  def train_step(self, state: DiLoCoState, batch, step: int | None = None,
+                 participating=None):
+    """One step on a global [B, ...] batch (as `Trainer.train_step`); `step` =
+    state.step as known on the host (None reads it from the device)."""
+    with _MeshRules(self.mesh, self.inner_rules):
+      return self.algo.train_step(state, batch, step, participating)
+
+  def eval_sums(self, params, batch):
+    return self.trainer.eval_sums(params, batch)
+
+  def shard_batch(self, local_batch):
+    return self.trainer.shard_batch(local_batch)

@@ -1,0 +1,297 @@
+"""Streaming DiLoCo: reductions to single-replica / data-parallel / vanilla
+DiLoCo, the quantized exchange, traffic, dropped replicas, sharding."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from posttrain_jax import fragments as fr
+from posttrain_jax import partitioning, quantization
+from posttrain_jax import streaming_diloco as sd
+from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.optimizer import OptimizerConfig
+from posttrain_jax.trainer import TrainState, lm_loss_sums, train_step
+
+CFG = ModelConfig(vocab_size=64, embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=1,
+                  head_dim=8, mlp_dim=32, sliding_window_size=4)
+B, T = 8, 8
+EXACT = dict(outer_lr=1.0, outer_momentum=0.0, alpha=0.0, overlap=0, quantization="none")
+
+
+def make_batch(seed, n=B):
+  tokens = np.random.default_rng(seed).integers(0, CFG.vocab_size, (n, T + 1))
+  return dict(decoder_input_tokens=jnp.asarray(tokens[:, :-1], jnp.int32),
+              decoder_target_tokens=jnp.asarray(tokens[:, 1:], jnp.int32),
+              decoder_loss_weights=jnp.ones((n, T), jnp.float32))
+
+
+def rows(batch, m, k):
+  """Replica k's rows of a batch split over m replicas."""
+  return jax.tree.map(lambda x: x[k], sd.split_replicas(batch, m))
+
+
+@functools.cache
+def lm(inner="adamw", scan=False):
+  """(initial TrainState, inner step, jitted inner step); cached across tests so
+  the reference programs compile once."""
+  model = Transformer(ModelConfig(**{**CFG.__dict__, "scan_layers": scan}))
+  if inner == "adamw":
+    schedule, tx = OptimizerConfig(learning_rate=1e-2, warmup_steps=1).build(10)
+  else:
+    schedule, tx = optax.constant_schedule(0.5), optax.sgd(0.5)
+  params = nn.unbox(jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros(
+      (1, 1), jnp.int32))["params"])())
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  step = functools.partial(train_step, model=model, tx=tx, schedule=schedule)
+  return state, step, jax.jit(step)
+
+
+def run_diloco(config, inner, batches, participating=None, scan=False):
+  state, step, _ = lm(inner, scan)
+  algo = sd.StreamingDiLoCo(config, step, state.params)
+  s = algo.init(state)
+  history = []
+  for t, batch in enumerate(batches):
+    mask = participating[t] if participating else None
+    s, _ = algo.train_step(s, sd.split_replicas(batch, config.num_replicas), t, mask)
+    history.append(jax.device_get((s.outer_params, sd.replica_params(s, 0))))
+  return algo, s, history
+
+
+# Inner AdamW turns float32 reduction-order noise (vmapped vs plain steps) in
+# near-zero gradients into larger moves of single elements; comparisons against
+# references built from separate inner steps use 1% of the inner lr (as
+# tests/test_trainer.py does).
+ADAM_TOL = dict(rtol=1e-3, atol=1e-4)
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                       rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("h,p,scan", [(1, 2, False), (3, 1, False), (1, 2, True)])
+def test_one_replica_equals_single_replica_training(h, p, scan):
+  batches = [make_batch(i) for i in range(4 if h > 1 else 2)]
+  config = sd.DiLoCoConfig(num_replicas=1, sync_every=h, num_fragments=p, **EXACT)
+  algo, _, history = run_diloco(config, "adamw", batches, scan=scan)
+  single, _, jstep = lm("adamw", scan)
+  for t, batch in enumerate(batches):
+    single, _ = jstep(single, batch)
+    outer, replica = history[t]
+    close(replica, single.params)
+    for q in algo.event(t).sync:  # a synced fragment's outer params = the trained ones
+      f = algo.fragments[q]
+      close(fr.take(outer, f), fr.take(single.params, f))
+  assert any(algo.event(t).sync for t in range(len(batches)))
+
+
+def test_overlap_applies_the_exchange_tau_steps_later():
+  """M = 1, α = 0, lr 1, τ = 1: Δ sent after step 2 is applied after step 3, so
+  θ̃ and the replica become the step-2 params (step 3's local update of the
+  fragment is overwritten by the merge)."""
+  batches = [make_batch(i) for i in range(3)]
+  config = sd.DiLoCoConfig(num_replicas=1, sync_every=2, num_fragments=1,
+                           **{**EXACT, "overlap": 1})
+  algo, _, history = run_diloco(config, "adamw", batches)
+  assert [algo.event(t) for t in range(3)] == [
+      fr.Event(), fr.Event(sync=(0,)), fr.Event(apply=(0,))]
+  state, _, jstep = lm("adamw")
+  s1 = jstep(state, batches[0])[0]
+  s2 = jstep(s1, batches[1])[0]
+  s3 = jstep(s2, batches[2])[0]
+  close(history[1][0], state.params, rtol=0, atol=0)  # in flight: θ̃ unchanged
+  close(history[1][1], s2.params)
+  close(history[2][0], s2.params)
+  close(history[2][1], s2.params)
+  assert not np.allclose(np.asarray(s3.params["final_norm"]["scale"]),
+                         np.asarray(s2.params["final_norm"]["scale"]))
+
+
+def test_inner_sgd_h1_equals_data_parallel_sgd():
+  batches = [make_batch(i) for i in range(3)]
+  config = sd.DiLoCoConfig(num_replicas=2, sync_every=1, num_fragments=2, **EXACT)
+  _, _, history = run_diloco(config, "sgd", batches)
+  state, step, jstep = lm("sgd")
+  model = step.keywords["model"]
+
+  @jax.jit
+  def grad(params, batch):  # normalised like train_step: grad of the sum / weight
+    sums = jax.grad(lambda p: lm_loss_sums(model, p, batch)["loss"])(params)
+    return jax.tree.map(lambda g: g / jnp.sum(batch["decoder_loss_weights"]), sums)
+
+  dp, union = state.params, state
+  for t, batch in enumerate(batches):
+    # data parallel: each worker's gradient on its rows, all-reduce mean, one SGD step
+    g = jax.tree.map(lambda a, b: (a + b) / 2, grad(dp, rows(batch, 2, 0)),
+                     grad(dp, rows(batch, 2, 1)))
+    dp = jax.tree.map(lambda p, g: p - 0.5 * g, dp, g)
+    close(history[t][0], dp, rtol=1e-6, atol=1e-6)
+    # one step on the union batch: equal up to the model's fp32 gradient noise
+    union, _ = jstep(union, batch)
+    close(history[t][0], union.params, rtol=1e-4, atol=2e-5)
+
+
+def test_inner_adamw_h1_is_not_data_parallel():
+  batch = make_batch(0)
+  config = sd.DiLoCoConfig(num_replicas=2, sync_every=1, num_fragments=1, **EXACT)
+  _, _, history = run_diloco(config, "adamw", [batch])
+  state, _, jstep = lm("adamw")
+  dp, _ = jstep(state, batch)
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(history[0][0]), jax.tree.leaves(dp.params)))
+  assert diff > 1e-3  # mean of Adam updates != Adam update of the mean gradient
+
+
+def vanilla_diloco(batches, m, h, outer_tx, drop=None):
+  """Reference DiLoCo: H local steps per replica, Δ = mean over participants of
+  θ̃ - θ_m, outer step on θ̃, every replica reset to θ̃."""
+  state, _, jstep = lm("adamw")
+  outer, outer_opt = state.params, outer_tx.init(state.params)
+  replicas = [state] * m
+  for r in range(len(batches) // h):
+    for i in range(h):
+      replicas = [jstep(s, rows(batches[r * h + i], m, k))[0]
+                  for k, s in enumerate(replicas)]
+    kept = [s.params for k, s in enumerate(replicas) if k != drop]
+    delta = jax.tree.map(lambda o, *ps: sum(o - p for p in ps) / len(ps), outer, *kept)
+    updates, outer_opt = outer_tx.update(delta, outer_opt, outer)
+    outer = optax.apply_updates(outer, updates)
+    local = replicas
+    replicas = [s.replace(params=outer) for s in replicas]
+  return outer, local
+
+
+def test_one_fragment_no_overlap_is_vanilla_diloco():
+  h, m, rounds = 2, 2, 2
+  batches = [make_batch(i) for i in range(h * rounds)]
+  config = sd.DiLoCoConfig(num_replicas=m, sync_every=h, num_fragments=1, overlap=0,
+                           alpha=0.0, outer_lr=0.7, outer_momentum=0.9,
+                           quantization="none")
+  _, _, history = run_diloco(config, "adamw", batches)
+  outer, _ = vanilla_diloco(batches, m, h, optax.sgd(0.7, momentum=0.9, nesterov=True))
+  close(history[-1][0], outer, **ADAM_TOL)
+  close(history[-1][1], history[-1][0], rtol=0, atol=0)  # α = 0: replicas reset to θ̃
+
+
+def test_quantized_exchange_is_mean_of_dequantized_codes():
+  """α = 1 keeps each replica's own θ_m after the sync, so the reference Δ is
+  built from exactly the values the exchange saw."""
+  batch = make_batch(0)
+  config = sd.DiLoCoConfig(num_replicas=2, sync_every=1, num_fragments=2,
+                           **{**EXACT, "alpha": 1.0, "quantization": "fp4_e3m0"})
+  _, s, history = run_diloco(config, "sgd", [batch])
+  theta0 = lm("sgd")[0].params
+  locals_ = [sd.replica_params(s, k) for k in range(2)]
+
+  def exchanged(theta, *ps):  # real packed codes, one scale per tensor
+    deq = []
+    for p in ps:
+      codes, scales = quantization.quantize(theta - p, "fp4_e3m0")
+      deq.append(quantization.dequantize(codes, scales, theta.shape, "fp4_e3m0"))
+    return theta - (deq[0] + deq[1]) / 2
+  expected = jax.tree.map(exchanged, theta0, *locals_)
+  close(history[0][0], expected, rtol=1e-6, atol=1e-7)
+  # and the pseudo-gradient really was quantized (differs from the fp32 mean)
+  fp32 = jax.tree.map(lambda *ps: (ps[0] + ps[1]) / 2, *locals_)
+  assert not all(np.allclose(a, b, atol=1e-7) for a, b in
+                 zip(jax.tree.leaves(history[0][0]), jax.tree.leaves(fp32)))
+
+
+def test_traffic_fp4_bytes_and_peak():
+  params = lm()[0].params
+  n = sum(x.size for x in jax.tree.leaves(params))
+  h, p = 8, 2
+  config = sd.DiLoCoConfig(num_replicas=2, sync_every=h, num_fragments=p,
+                           embeddings="separate", overlap=1)
+  algo = sd.StreamingDiLoCo(config, None, params)
+  traffic = algo.traffic
+  for f, payload in zip(algo.fragments, traffic.payload_bytes):
+    shapes = f.shapes(params)
+    size = sum(int(np.prod(s)) for s in shapes.values())
+    assert size == f.size(params)
+    # |fragment| x 4 bits (rounded up per tensor) + one fp32 scale per tensor
+    assert payload == sum(-(-int(np.prod(s)) // 2) for s in shapes.values()) + 4 * len(shapes)
+    assert abs(payload - size / 2) <= 4.5 * len(shapes)
+  assert traffic.dp_step_bytes == 4 * n
+  counter = algo.new_counter()
+  for t in range(3 * h):
+    counter.update(algo.event(t))
+  assert counter.replica_bytes == 3 * traffic.full_sync_bytes  # each fragment once a window
+  assert counter.sent_bytes == 2 * counter.replica_bytes
+  assert counter.dp_replica_bytes == 3 * h * 4 * n
+  scales = 4 * sum(len(f.selectors) for f in algo.fragments)
+  assert counter.peak_step_bytes == max(traffic.payload_bytes)
+  assert counter.peak_step_bytes <= traffic.full_sync_bytes / p + scales
+  # the headline ratio: about 1 / (8 H) of data-parallel traffic per replica
+  assert counter.replica_bytes / counter.dp_replica_bytes < 1.05 / (8 * h)
+  counter.update(algo.event(3 * h + algo.schedule.offsets[1] - 1), participants=1)
+  assert counter.sent_bytes == 2 * 3 * traffic.full_sync_bytes + traffic.payload_bytes[1]
+
+
+def test_dropped_replica_is_left_out_of_the_average():
+  h, m = 2, 2
+  batches = [make_batch(i) for i in range(h)]
+  config = sd.DiLoCoConfig(num_replicas=m, sync_every=h, num_fragments=1, overlap=0,
+                           alpha=0.5, outer_lr=0.7, outer_momentum=0.9,
+                           quantization="none")
+  algo, s, history = run_diloco(config, "adamw", batches, participating=[None, [1, 0]])
+  outer, local = vanilla_diloco(batches, m, h, optax.sgd(0.7, momentum=0.9, nesterov=True),
+                                drop=1)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s.outer_params))
+  close(s.outer_params, outer, **ADAM_TOL)  # θ̃ from replica 0's Δ alone
+  for k in range(m):  # every replica, the dropped one included, is merged
+    close(sd.replica_params(s, k),
+          jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, local[k].params, outer),
+          **ADAM_TOL)
+  # nobody participating: the outer update and the merge are skipped
+  state = lm("adamw")[0]
+  s2 = algo.init(state)
+  s2, _ = algo.train_step(s2, sd.split_replicas(batches[0], m), 0)
+  before = jax.device_get((s2.outer_params, s2.replicas.params))
+  s2, _ = algo.train_step(s2, sd.split_replicas(batches[1], m), 1, [0, 0])
+  close(s2.outer_params, before[0], rtol=0, atol=0)
+  assert not np.allclose(np.asarray(s2.replicas.params["final_norm"]["scale"]),
+                         np.asarray(before[1]["final_norm"]["scale"]))
+
+
+def run_trainer(ici, devices, config, steps):
+  mesh = partitioning.create_mesh(ici, devices=devices)
+  schedule, tx = OptimizerConfig(learning_rate=1e-2, warmup_steps=1).build(10)
+  trainer = sd.DiLoCoTrainer(Transformer(CFG), tx, schedule, mesh, config)
+  state = trainer.init_state(jax.random.key(0))
+  losses = []
+  for t in range(steps):
+    state, metrics = trainer.train_step(state, trainer.shard_batch(
+        jax.device_get(make_batch(t))), t)
+    losses.append(np.asarray(metrics["loss_per_replica"]))
+  return trainer, state, losses
+
+
+def test_sharded_trainer_matches_unsharded():
+  config = sd.DiLoCoConfig(num_replicas=2, sync_every=2, num_fragments=2, overlap=1,
+                           alpha=0.5, outer_lr=0.7, quantization="fp4_e3m0")
+  # t=1: fragment 1 starts its exchange; t=2: fragment 0 starts, fragment 1 applied
+  _, ref, ref_losses = run_trainer({"data": 1}, jax.devices()[:1], config, 2)
+  trainer, state, losses = run_trainer({"replica": 2, "fsdp": 2, "tensor": 2}, None,
+                                       config, 2)
+  assert dict(trainer.mesh.shape) == {"replica": 2, "data": 1, "fsdp": 2, "tensor": 2}
+  np.testing.assert_allclose(np.stack(losses), np.stack(ref_losses), rtol=2e-5)
+  close(state.outer_params, ref.outer_params, rtol=1e-3, atol=1e-4)
+  close(state.replicas.params, ref.replicas.params, rtol=1e-3, atol=1e-4)
+  close(state.inflight, ref.inflight, rtol=1e-3, atol=1e-4)
+  q = state.replicas.params["layer_0"]["attn"]["q"]
+  assert q.sharding.spec[0] == "replica"
+  assert q.addressable_shards[0].data.shape[0] == 1  # one replica per device group
+  param_spec = trainer.trainer.param_shardings["layer_0"]["attn"]["q"].spec
+  assert state.outer_params["layer_0"]["attn"]["q"].sharding.spec == param_spec
+  assert tuple(q.sharding.spec[1:]) == tuple(param_spec)
+  # evaluation uses the outer params on the regular shardings
+  sums = trainer.eval_sums(sd.outer_params(state), trainer.shard_batch(
+      jax.device_get(make_batch(9))))
+  assert np.isfinite(float(sums["loss"]))
