@@ -27,6 +27,14 @@ GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class ConfigError(Exception):
   """A configuration problem, reported as one line without a traceback."""
 
+  exit_code = 2
+
+
+class RunError(ConfigError):
+  """A run that stopped for a stated reason (e.g. non-finite losses); exit 1."""
+
+  exit_code = 1
+
 
 @dataclasses.dataclass
 class GinFlags:
@@ -201,7 +209,7 @@ def run_main(main: Callable[[Sequence[str]], int | None],
     if prog in ("", "main.py", "__main__.py", "-c"):
       prog = "posttrain_jax"
     print(f"{prog}: error: {e}", file=sys.stderr)
-    code = 2
+    code = e.exit_code
   except BaseException:  # a crash in one process of a multi-process job
     if distributed.is_initialized():
       import traceback  # pylint: disable=g-import-not-at-top

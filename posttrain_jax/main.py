@@ -23,6 +23,7 @@ from posttrain_jax import cli
 from posttrain_jax import distributed
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig
+from posttrain_jax.nonfinite_guard import NonFiniteError
 from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax import train as train_lib
 
@@ -67,6 +68,8 @@ def main(argv) -> int:
     if os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
       raise
     raise cli.ConfigError(cli.strip_gin_context(str(e))) from e
+  except NonFiniteError as e:
+    raise cli.RunError(cli.strip_gin_context(str(e))) from e
   return 0
 
 

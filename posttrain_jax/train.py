@@ -23,7 +23,10 @@ from posttrain_jax import params_checkpoint, partitioning
 from posttrain_jax.checkpointing import Checkpointer
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig
+from posttrain_jax.preemption import PreemptionWatcher
+from posttrain_jax.profiling import StepProfiler
 from posttrain_jax.progress import ProgressReporter
 from posttrain_jax.trainer import Trainer, TrainState
 
@@ -35,6 +38,8 @@ class TrainResult:
   eval_metrics: dict[int, dict[str, float]]
   resumed_from: int | None
   initialised_from: str | None = None  # the initial_checkpoint actually used
+  preempted: bool = False              # stopped by SIGTERM after saving
+  skipped_steps: int = 0               # steps with a non-finite loss/gradient
 
 
 def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
@@ -101,7 +106,9 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
           checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
           async_checkpointing: bool = True, log_every: int = 10,
           operative_config: str | None = None,
-          initial_checkpoint: str | None = None) -> TrainResult:
+          initial_checkpoint: str | None = None,
+          nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
+          profile_steps: tuple[int, int] | None = None) -> TrainResult:
   """Trains a decoder LM for `num_steps` optimizer steps.
 
   Args:
@@ -124,7 +131,17 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       (its newest step's params). Restored onto the trainer's shardings (either
       scanned/unscanned layout), with a fresh optimizer state at step 0. Ignored,
       with a log line saying so, once run_dir has a checkpoint of its own.
+    nonfinite_policy / max_consecutive_nonfinite: a step with a NaN/inf loss or
+      gradient is never applied; "skip" goes on (halting after that many in a
+      row), "halt" stops at once (NonFiniteError).
+    profile_steps: (start, stop) captures a jax.profiler trace of those steps
+      into run_dir/profile.
+
+  SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
+  with TrainResult.preempted set; the next start resumes from it.
   """
+  guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
+  profiler = StepProfiler(os.path.join(run_dir, "profile"), profile_steps)
   os.makedirs(run_dir, exist_ok=True)
   if operative_config and jax.process_index() == 0:
     with open(os.path.join(run_dir, "config.gin"), "w") as f:
@@ -168,24 +185,48 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
 
   eval_set = (_eval_batches(eval_data, eval_batches)
               if eval_data is not None and (eval_every or num_steps > start) else None)
+  if start >= num_steps:
+    reporter.print(f"run already complete at step {start} (num_steps={num_steps}); "
+                   "raise num_steps to train further")
   eval_metrics = {}
+  watcher = PreemptionWatcher()
+  preempted, step, last = False, start, None  # last: (step, device nonfinite flag)
   try:
     for step in range(start + 1, num_steps + 1):
+      if watcher.should_stop(step - 1):
+        preempted, step = True, step - 1
+        break
       local = next(data)
       check_token_ids(local, model_config.vocab_size)
+      profiler.before_step(step)
       state, metrics = trainer.train_step(state, trainer.shard_batch(local))
+      profiler.after_step(step, (state, metrics))
+      if last is not None:  # one step behind, so the host never waits on the device
+        guard.observe(last[0], bool(last[1]))
+      last = (step, metrics["nonfinite"])
       reporter.update(step, metrics)
       checkpointer.save(step, state, {"train": data.get_state()},
                         force=step == num_steps)
       if eval_set and ((eval_every and step % eval_every == 0) or step == num_steps):
         eval_metrics[step] = evaluate(trainer, state.params, eval_set)
         reporter.write_eval(step, eval_metrics[step])
+    if last is not None and not preempted:
+      guard.observe(last[0], bool(last[1]))
+    if preempted:
+      if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, {"train": data.get_state()}, force=True)
+      checkpointer.wait()
+      reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
+                     "run the same command to resume")
   finally:
+    profiler.stop()
+    watcher.close()
     reporter.close()
     checkpointer.close()
-  return TrainResult(final_step=max(start, num_steps), losses=dict(reporter.history),
-                     eval_metrics=eval_metrics, resumed_from=resumed_from,
-                     initialised_from=initialised_from)
+  return TrainResult(final_step=step if preempted else max(start, num_steps),
+                     losses=dict(reporter.history), eval_metrics=eval_metrics,
+                     resumed_from=resumed_from, initialised_from=initialised_from,
+                     preempted=preempted, skipped_steps=guard.skipped)
 
 
 def state_from_initial_checkpoint(trainer: Trainer, model_config: ModelConfig,

@@ -63,8 +63,14 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               num_microbatches: int = 1, z_loss: float = 0.0):
-  """One optimizer step over `batch`, accumulating over microbatches."""
+               num_microbatches: int = 1, z_loss: float = 0.0,
+               skip_nonfinite: bool = True):
+  """One optimizer step over `batch`, accumulating over microbatches.
+
+  With skip_nonfinite, a step whose loss or gradient is not finite leaves the
+  parameters and optimizer state unchanged (the step counter still advances);
+  metrics["nonfinite"] is 1 for such a step.
+  """
   grad_fn = jax.grad(lambda p, b: _sum_loss(model, p, b, z_loss), has_aux=True)
 
   if num_microbatches == 1:
@@ -81,13 +87,20 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
   weight = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
   metrics = {
       "loss": sums["cross_entropy"] / weight,
       "z_loss": sums["z_loss"] / weight,
       "accuracy": sums["correct"] / weight,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
       "learning_rate": schedule(state.step),
       "tokens": sums["weight"],
   }
@@ -105,7 +118,7 @@ class Trainer:
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, mesh: jax.sharding.Mesh,
                rules=partitioning.DEFAULT_RULES, num_microbatches: int = 1,
-               z_loss: float = 0.0):
+               z_loss: float = 0.0, skip_nonfinite: bool = True):
     self.model, self.tx, self.schedule = model, tx, schedule
     self.mesh, self.rules = mesh, rules
     self.batch_sharding = partitioning.batch_sharding(mesh, rules)
@@ -126,7 +139,8 @@ class Trainer:
     self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
     self._train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          num_microbatches=num_microbatches, z_loss=z_loss),
+                          num_microbatches=num_microbatches, z_loss=z_loss,
+                          skip_nonfinite=skip_nonfinite),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,))
