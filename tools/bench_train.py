@@ -32,7 +32,6 @@ Configuration errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import json
@@ -53,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax import partitioning
-from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models import ModelConfig, Transformer, presets
 from posttrain_jax.models.config import REMAT_POLICIES
 from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.trainer import Trainer
@@ -63,7 +62,6 @@ try:  # gin-config is optional: --model works without it.
 except ImportError:  # pragma: no cover - exercised on machines without gin
   cli = None
 
-GIN_MODELS_DIR = os.path.join(_REPO, "gin", "models")
 
 if cli is not None:
   ConfigError = cli.ConfigError
@@ -116,79 +114,22 @@ def _split_flags(argv):
 
 
 def model_gin_path(name: str) -> str:
-  if name.endswith(".gin"):
-    if not os.path.exists(name):
-      raise ConfigError(f"Model gin file not found: {name}.")
-    return name
-  path = os.path.join(GIN_MODELS_DIR, f"gemma2_{name}.gin")
-  if not os.path.exists(path):
-    presets = sorted(f[len("gemma2_"):-len(".gin")] for f in os.listdir(GIN_MODELS_DIR)
-                     if f.startswith("gemma2_") and f.endswith(".gin"))
-    raise ConfigError(f"Unknown --model {name!r}; presets: {', '.join(presets)} "
-                      "(or a .gin path).")
-  return path
+  try:
+    return presets.preset_path(name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def read_model_gin(path: str) -> dict:
+  try:
+    return presets.read_literal_model_gin(path)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _suggest(word, options) -> str:
   close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
   return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
-def read_model_gin(path: str) -> dict:
-  """`ModelConfig.FIELD = <python literal>` lines of a gin file, without gin.
-
-  Comments, blank lines and values spanning lines inside brackets are
-  handled; anything else (includes, macros, references, other configurables)
-  is an error naming the line.
-  """
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  kwargs = {}
-  pending, start = "", 0
-  with open(path) as f:
-    lines = f.read().splitlines()
-  for lineno, raw in enumerate(lines, 1):
-    line = raw if pending else raw.strip()
-    if not pending and (not line or line.startswith("#")):
-      continue
-    text = pending + "\n" + line if pending else line
-    start = start if pending else lineno
-    m = re.match(r"^ModelConfig\.(\w+)\s*=\s*(.+)$", text, re.S)
-    if not m:
-      raise ConfigError(f"{path}:{lineno}: expected `ModelConfig.FIELD = VALUE` "
-                        f"(a Python literal) without gin, got `{raw.strip()}`.")
-    value = _literal(m.group(2))
-    if value is _INCOMPLETE:
-      pending = text
-      continue
-    pending = ""
-    name = m.group(1)
-    if value is _INVALID:
-      raise ConfigError(f"{path}:{start}: `{m.group(2).strip()}` is not a Python "
-                        "literal; use --gin_file (needs gin-config) for gin syntax.")
-    if name not in fields:
-      raise ConfigError(f"{path}:{start}: ModelConfig has no field '{name}'."
-                        f"{_suggest(name, fields)}")
-    kwargs[name] = value
-  if pending:
-    raise ConfigError(f"{path}:{start}: unterminated value `{pending.strip()}`.")
-  return kwargs
-
-
-_INCOMPLETE, _INVALID = object(), object()
-
-
-def _literal(text: str):
-  candidates = [text]
-  if "#" in text:  # trailing comment (model gin values hold no '#')
-    candidates.append("\n".join(l.split("#")[0] for l in text.splitlines()))
-  for candidate in candidates:
-    try:
-      return ast.literal_eval(candidate.strip())
-    except (ValueError, SyntaxError):
-      pass
-  stripped = candidates[-1]
-  depth = sum(stripped.count(c) for c in "([{") - sum(stripped.count(c) for c in ")]}")
-  return _INCOMPLETE if depth > 0 else _INVALID
 
 
 def _gin_model_config(flags) -> ModelConfig:
