@@ -39,6 +39,9 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from binary_args import LaunchError, split_binary_args  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import TextIO
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,47 +51,8 @@ ENV_COORDINATOR = "POSTTRAIN_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "POSTTRAIN_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "POSTTRAIN_JAX_PROCESS_ID"
 
-# Arguments that belong to the training binary (posttrain_jax.cli.parse_flags).
-_BINARY_FLAGS = ("--gin_file", "--gin_bindings", "--gin_search_paths",
-                 "--module_import")
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 EXIT_TIMEOUT = 124
-
-
-class LaunchError(Exception):
-  """A usage problem, reported as one line."""
-
-
-def is_binary_arg(arg: str) -> bool:
-  name = arg.partition("=")[0]
-  return name.startswith("--gin.") or name in _BINARY_FLAGS
-
-
-def split_binary_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Separates the training binary's arguments (order kept) from the rest.
-
-  `--gin_file F` (space-separated) becomes `--gin_file=F`; every other
-  argument is passed through unchanged, as one list element.
-  """
-  own, binary = [], []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    name, eq, _ = arg.partition("=")
-    if is_binary_arg(arg):
-      if not eq:
-        if name.startswith("--gin."):
-          raise LaunchError(f"{arg}: expected --gin.NAME=VALUE (one argument).")
-        if i + 1 >= len(args):
-          raise LaunchError(f"{name} needs a value.")
-        i += 1
-        arg = f"{name}={args[i]}"
-      binary.append(arg)
-    else:
-      own.append(arg)
-    i += 1
-  return own, binary
 
 
 def free_port(host: str = "127.0.0.1") -> int:

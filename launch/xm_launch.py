@@ -51,6 +51,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from binary_args import LaunchError, split_binary_args  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,12 +64,7 @@ CONTAINER_WORKDIR = "/workdir"
 ENV_DISTRIBUTED = "POSTTRAIN_JAX_DISTRIBUTED"
 ENV_NUM_PROCESSES = "POSTTRAIN_JAX_NUM_PROCESSES"
 
-_BINARY_FLAGS = ("--gin_file", "--gin_bindings", "--gin_search_paths",
-                 "--module_import")
 
-
-class LaunchError(Exception):
-  """A usage or configuration problem, reported as one line."""
 
 
 # ---------------------------------------------------------------------------
@@ -170,29 +168,6 @@ def parse_accelerator(accelerator: str, topology: str | None = None) -> TpuSlice
 def gin_string(value: str) -> str:
   """A gin string literal that parses back to exactly `value`."""
   return repr(str(value))
-
-
-def split_binary_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Separates the training binary's arguments (order kept) from the rest."""
-  own, binary = [], []
-  args = list(argv)
-  i = 0
-  while i < len(args):
-    arg = args[i]
-    name, eq, _ = arg.partition("=")
-    if name.startswith("--gin.") or name in _BINARY_FLAGS:
-      if not eq:
-        if name.startswith("--gin."):
-          raise LaunchError(f"{arg}: expected --gin.NAME=VALUE (one argument).")
-        if i + 1 >= len(args):
-          raise LaunchError(f"{name} needs a value.")
-        i += 1
-        arg = f"{name}={args[i]}"
-      binary.append(arg)
-    else:
-      own.append(arg)
-    i += 1
-  return own, binary
 
 
 def bindings_of(binary_args: Sequence[str]) -> list[tuple[str, str]]:
