@@ -237,16 +237,26 @@ def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, cou
   return (fr.put(outer, frag, new_theta), new_opt, jax.vmap(merge)(replica_params_))
 
 
-def inner_update(state: DiLoCoState, batch, *, inner_step: InnerStep,
-                 spmd_axis_name: str | None = None):
-  """Every replica takes one inner step (vmapped); batch leaves are [M, B/M, ...].
-  Metrics are replica means, plus loss_per_replica."""
+def replica_steps(step: jax.Array, replicas, batch, *, inner_step: InnerStep,
+                  spmd_axis_name: str | None = None):
+  """(step + 1, replicas after one vmapped inner step each, metrics). Metrics
+  are replica means, plus loss_per_replica. Takes only the replicas (not the
+  outer state), so one compiled program serves every fragment configuration."""
   replicas, metrics = jax.vmap(inner_step, spmd_axis_name=spmd_axis_name)(
-      state.replicas, batch)
+      replicas, batch)
   out = {k: jnp.mean(v) for k, v in metrics.items()}
   if "loss" in metrics:
     out["loss_per_replica"] = metrics["loss"]
-  return state.replace(step=state.step + 1, replicas=replicas), out
+  return step + 1, replicas, out
+
+
+def inner_update(state: DiLoCoState, batch, *, inner_step: InnerStep,
+                 spmd_axis_name: str | None = None):
+  """Every replica takes one inner step (vmapped); batch leaves are [M, B/M, ...]."""
+  step, replicas, metrics = replica_steps(state.step, state.replicas, batch,
+                                          inner_step=inner_step,
+                                          spmd_axis_name=spmd_axis_name)
+  return state.replace(step=step, replicas=replicas), metrics
 
 
 def outer_update(state: DiLoCoState, participating: jax.Array, *,
@@ -405,8 +415,8 @@ class StreamingDiLoCo:
     return self.schedule.event(step + 1)
 
   def inner_fn(self) -> Callable:
-    """Pure (state, batch [M, ...]) -> (state, metrics)."""
-    return functools.partial(inner_update, inner_step=self.inner_step,
+    """Pure (step, replicas, batch [M, ...]) -> (step, replicas, metrics)."""
+    return functools.partial(replica_steps, inner_step=self.inner_step,
                              spmd_axis_name=self.spmd_axis_name)
 
   def outer_fn(self, event: fr.Event) -> Callable:
@@ -448,7 +458,8 @@ class StreamingDiLoCo:
     knows; None reads state.step from the device (a synchronisation)."""
     if step is None:
       step = int(jax.device_get(state.step))
-    state, metrics = self.compiled_inner()(state, batch)
+    new_step, replicas, metrics = self.compiled_inner()(state.step, state.replicas, batch)
+    state = state.replace(step=new_step, replicas=replicas)
     event = self.event(step)
     if event.sync or event.apply:
       state = self.compiled_outer(event)(state, self.participation(participating))
@@ -459,9 +470,9 @@ class StreamingDiLoCo:
 def _jit_inner_cached(inner_step, spmd_axis_name):
   """One jitted inner program per inner step (shared by StreamingDiLoCo
   instances with the same inner step, e.g. in tests)."""
-  return jax.jit(functools.partial(inner_update, inner_step=inner_step,
+  return jax.jit(functools.partial(replica_steps, inner_step=inner_step,
                                    spmd_axis_name=spmd_axis_name),
-                 donate_argnums=(0,))
+                 donate_argnums=(0, 1))
 
 
 def without_mesh_axis(rules, axis: str = REPLICA_AXIS):
@@ -561,15 +572,16 @@ class DiLoCoTrainer:
     m = self.config.num_replicas
     spec = self._replica_batch_spec
 
-    def fn(state, batch):
+    def fn(step, replicas, batch):
       batch = split_replicas(batch, m)
       batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
           x, NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))), batch)
-      return inner_fn(state, batch)
+      return inner_fn(step, replicas, batch)
     replicated = partitioning.replicated(self.mesh)
-    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, replicated),
-                   donate_argnums=(0,))
+    replica_sh = self.state_shardings.replicas
+    return jax.jit(fn, in_shardings=(replicated, replica_sh, self.batch_sharding),
+                   out_shardings=(replicated, replica_sh, replicated),
+                   donate_argnums=(0, 1))
 
   def _jit_outer(self, outer_fn):
     replicated = partitioning.replicated(self.mesh)
