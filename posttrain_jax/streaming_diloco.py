@@ -15,9 +15,10 @@ With τ = 0 both happen after the same step (exchange first). The outer
 parameters θ̃ are the ones to evaluate (`outer_params`).
 
 Wrapping. `inner_step(state, batch) -> (state, metrics)` is any pure step whose
-state has a `.params` field (trainer.TrainState, or distillation / RL states).
-`diloco_step` vmaps it over a leading replica axis M of the state and batch
-([M, B/M, ...]), with `spmd_axis_name` so sharding constraints inside the step
+state has a `.params` field and a `.replace` method (a flax struct such as
+trainer.TrainState, or distillation / RL states). `replica_steps` vmaps it over
+a leading replica axis M of the state and batch ([M, B/M, ...]), with
+`spmd_axis_name` so sharding constraints inside the step
 put the vmapped axis on the "replica" mesh axis (whose rules must then leave
 "replica" out of the batch axes: see `without_mesh_axis`).
 
@@ -25,7 +26,9 @@ The exchange inside one program. Δ_{m,p} passes through
 `quantization.fake_quantize` (bit-identical to dequantize(quantize(.)) of the
 real codes), then the mean over the replica axis (an all-reduce over "replica"
 when it is sharded). So the numerics are those of exchanging codes and reducing
-in fp32; the wire bytes are counted statically (`Traffic`).
+in fp32, although the simulated all-reduce itself moves fp32 values; the wire
+bytes of a real exchange of codes are counted statically (`Traffic`). θ̃ is
+kept in the params' dtype; Δ, its average and the merge are computed in fp32.
 
 Schedule compilation. The schedule is static (Python): `SyncSchedule.event(t)`
 gives the (sync, apply) fragment sets after step t, at most 2F + 1 distinct
@@ -41,7 +44,8 @@ replica params in the no-op branches) and would hide collectives inside
 conditionals. `diloco_step` composes the two pure functions for callers that
 want a single program.
 
-Dropped replicas. `participating` ([M], 0/1) leaves replicas out of a sync: Δ_p
+Dropped replicas (simulated failures or stragglers). `participating` ([M], 0/1,
+an input of every step, used at syncs) leaves replicas out of a sync: Δ_p
 is the mean over participants only (a dropped replica's pseudo-gradient is
 never sent); every replica, dropped or not, is still merged at the apply step.
 If nobody participates, the fragment's outer update and merge are skipped (θ̃_p,
@@ -403,6 +407,14 @@ class StreamingDiLoCo:
   def new_counter(self) -> ByteCounter:
     return ByteCounter(self.traffic, self.config.num_replicas)
 
+  def counter_at(self, step: int) -> ByteCounter:
+    """The counter after `step` steps with every replica participating (to
+    resume a run's traffic totals from its checkpoint step)."""
+    counter = self.new_counter()
+    for t in range(step):
+      counter.update(self.event(t))
+    return counter
+
   def init_fn(self, inner_state) -> DiLoCoState:
     return init_state(inner_state, self.fragments, self.outer_tx,
                       self.config.num_replicas)
@@ -602,6 +614,9 @@ class DiLoCoTrainer:
 
   def new_counter(self) -> ByteCounter:
     return self.algo.new_counter()
+
+  def counter_at(self, step: int) -> ByteCounter:
+    return self.algo.counter_at(step)
 
   def train_step(self, state: DiLoCoState, batch, step: int | None = None,
                  participating=None):

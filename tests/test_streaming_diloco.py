@@ -12,6 +12,7 @@ import pytest
 
 from posttrain_jax import fragments as fr
 from posttrain_jax import partitioning, quantization
+from posttrain_jax.checkpointing import Checkpointer
 from posttrain_jax import streaming_diloco as sd
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.optimizer import OptimizerConfig
@@ -313,7 +314,7 @@ def test_dropped_replica_is_left_out_of_the_average():
                          np.asarray(before[1]["final_norm"]["scale"]))
 
 
-def test_sharded_trainer_matches_unsharded():
+def test_sharded_trainer_matches_unsharded(tmp_path):
   config = sd.DiLoCoConfig(num_replicas=2, sync_every=2, num_fragments=2, overlap=1,
                            alpha=0.5, outer_lr=0.7, quantization="fp4_e3m0")
   batches = [make_batch(t) for t in range(2)]
@@ -344,3 +345,12 @@ def test_sharded_trainer_matches_unsharded():
   param_spec = trainer.trainer.param_shardings["layer_0"]["attn"]["q"].spec
   assert state.outer_params["layer_0"]["attn"]["q"].sharding.spec == param_spec
   assert tuple(q.sharding.spec[1:]) == tuple(param_spec)
+  # the whole state, in-flight pseudo-gradients included, survives a checkpoint
+  ckpt = Checkpointer(str(tmp_path), save_every_steps=1, async_save=False)
+  ckpt.save(2, state, {"train": 2})
+  restored, _ = ckpt.restore(2, trainer.abstract_state)
+  ckpt.close()
+  close(restored, state, rtol=0, atol=0)
+  assert restored.inflight[0]["delta"]["layer_0/attn/q"].sharding.spec == param_spec
+  counter = trainer.counter_at(2)
+  assert counter.replica_bytes == trainer.traffic.full_sync_bytes  # each fragment once
