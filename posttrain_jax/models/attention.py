@@ -61,8 +61,12 @@ class CacheInfo:
 
 def init_kv_cache(batch: int, length: int, num_kv_heads: int, head_dim: int,
                   dtype) -> dict[str, Array]:
-  """Zero key/value cache of one layer: [batch, length, kv_heads, head_dim]."""
-  shape = (batch, length, num_kv_heads, head_dim)
+  """Zero key/value cache of one layer: [batch, kv_heads, length, head_dim].
+
+  Head-major, so the per-step score and value contractions read the cache in
+  place instead of transposing all of it every decode step.
+  """
+  shape = (batch, num_kv_heads, length, head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -111,25 +115,27 @@ class Attention(nn.Module):
     batch, length = x.shape[:2]
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     k_index, k_segment_ids, new_cache = q_index, segment_ids, None
+    key = jnp.swapaxes(key, 1, 2)      # [b, kv_heads, t, d]
+    value = jnp.swapaxes(value, 1, 2)
     if cache is not None:
-      start = (0, cache_info.index, 0, 0)
+      start = (0, 0, cache_info.index, 0)
       new_cache = {
           "k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
           "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start),
       }
       new_cache = jax.tree.map(lambda c: nn.with_logical_constraint(
-          c, ("batch", "length", "kv_heads", "kv")), new_cache)
+          c, ("batch", "kv_heads", "length", "kv")), new_cache)
       key, value = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
       q_index = q_index + cache_info.index
-      k_index = jnp.broadcast_to(jnp.arange(key.shape[1], dtype=jnp.int32),
-                                 (batch, key.shape[1]))
+      k_index = jnp.broadcast_to(jnp.arange(key.shape[2], dtype=jnp.int32),
+                                 (batch, key.shape[2]))
       k_segment_ids = cache_info.segment_ids
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
 
     groups = h // k
     q = q.reshape(batch, length, k, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, key,
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, key,
                         preferred_element_type=jnp.float32)
     scores = soft_cap(scores, cfg.attn_logits_soft_cap)
 
@@ -138,7 +144,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
 
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(batch, length, h, hd)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, value).reshape(batch, length, h, hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = jnp.einsum("bthk,hkd->btd", out, w_o)
     return out if cache is None else (out, new_cache)

@@ -109,7 +109,8 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, return_hidden: bool = False,
-               cache=None, cache_info: CacheInfo | None = None):
+               cache=None, cache_info: CacheInfo | None = None,
+               last_logits_only: bool = False):
     """Forward pass.
 
     Args:
@@ -121,6 +122,8 @@ class Transformer(nn.Module):
       cache: KV cache from `init_cache`; with it (and cache_info) the tokens are
         written at cache_info.index and attend over the cache, and the updated
         cache is returned last.
+      last_logits_only: compute logits (and hidden) for the last position only
+        (a sampler's prefill needs no more), shape [batch, 1, ...].
 
     Returns:
       logits, (logits, hidden) with return_hidden, plus the new cache if given.
@@ -141,6 +144,8 @@ class Transformer(nn.Module):
       for block in self.blocks:
         x, new_cache[block.name] = block(x, positions, segment_ids, cache[block.name],
                                          cache_info)
+    if last_logits_only:
+      x = x[:, -1:]
     hidden = self.final_norm(x)
     logits = soft_cap(self.embedder.decode(hidden), self.config.final_logit_soft_cap)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
