@@ -39,7 +39,16 @@ sequence, so with a 256k vocabulary only [batch, chunk, vocab] float32
 intermediates live at a time; with `student_head`/`teacher_head` it takes
 hidden states and projects each chunk to logits itself (the [batch, length,
 vocab] logits are then never materialised, forward or backward: the chunk body
-is rematerialised).
+is rematerialised). For the Gemma 2 model the head is the tied unembedding
+followed by the final soft-cap (what `Transformer` applies to its hidden states):
+
+    emb = params["embedder"]["embedding"]
+    head = lambda h: layers.soft_cap(
+        jnp.einsum("btd,vd->btv", h, emb.astype(cfg.compute_dtype),
+                   preferred_element_type=jnp.float32), cfg.final_logit_soft_cap)
+
+(`Transformer(..., return_hidden=True)` still computes the full logits too; a
+hidden-states-only output is needed for the saving to be real.)
 """
 
 from __future__ import annotations

@@ -104,6 +104,16 @@ def sequence_kl_metrics(tokens: Array, mask: Array, logits_p: Array,
   return {"mc": mc, "per_token": expected_token_kl(logits_p, logits_q, mask)}
 
 
+def sample_kl_metrics(sample, logits_p: Array, logits_q: Array) -> dict[str, dict[str, Array]]:
+  """`sequence_kl_metrics` on a `sampling.SampleOutput` drawn from P.
+
+  logits_*: each model's logits on sample.tokens, computed with
+  positions=sample.positions and segment_ids = prompt_mask | generated_mask
+  (left padding is then ignored). Only generated tokens are scored.
+  """
+  return sequence_kl_metrics(sample.tokens, sample.generated_mask, logits_p, logits_q)
+
+
 # ---------------------------------------------------------------------------
 # Exact enumeration (tiny vocabularies and lengths, for tests).
 

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,8 @@ class ToyModel:
   """tokens -> logits of one random table (seeded)."""
 
   def __init__(self, seed, scale=1.5):
-    self.table = scale * jax.random.normal(jax.random.PRNGKey(seed), (L + 1, V ** L, V))
+    self.table = jnp.asarray(
+        scale * np.random.default_rng(seed).standard_normal((L + 1, V ** L, V)), jnp.float32)
 
   def __call__(self, tokens):
     return _toy_logits_jit(self.table, tokens)
@@ -143,3 +145,41 @@ def test_masks_left_padded_prompt_layout():
   # with P == Q both estimators are 0
   assert float(same["mc"]["kl"]) == 0.0
   np.testing.assert_allclose(same["per_token"]["kl"], 0.0, atol=1e-6)
+
+
+def test_sample_output_layout_with_the_sampler():
+  """Rescored logits line up with the sampler's tokens and its model_logprobs."""
+  from posttrain_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.models import ModelConfig, Transformer
+  from posttrain_jax.sampling import Sampler, SamplingConfig
+
+  cfg = ModelConfig(vocab_size=32, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=8, mlp_dim=32, sliding_window_size=4)
+  model = Transformer(cfg)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  rng = np.random.default_rng(0)
+  # random weights without compiling init (std 0.5 matrices, 0.1 norm scales)
+  params_p, params_q = (jax.tree.map(
+      lambda x: jnp.asarray((0.5 if x.ndim > 1 else 0.1) * rng.standard_normal(x.shape),
+                            x.dtype), nn.meta.unbox(shapes["params"])) for _ in range(2))
+  mesh = partitioning.create_mesh({"data": 1}, devices=jax.devices()[:1])
+  sampler = Sampler(cfg, SamplingConfig(max_new_tokens=6, eos_id=None), mesh,
+                    max_cache_length=16)
+  out = sampler(params_p, [[5, 6, 7], [9], [3, 4]], jax.random.key(0))
+
+  @jax.jit
+  def score(params, tokens, positions, segments):
+    return model.apply({"params": params}, tokens, positions=positions, segment_ids=segments)
+
+  segments = (out.prompt_mask | out.generated_mask).astype(jnp.int32)
+  logits_p = score(params_p, out.tokens, out.positions, segments)
+  logits_q = score(params_q, out.tokens, out.positions, segments)
+  lp = skl.next_token_logprobs(logits_p, out.tokens)
+  np.testing.assert_allclose(jnp.where(out.generated_mask, lp, 0.0), out.model_logprobs,
+                             atol=2e-4)
+  m = skl.sample_kl_metrics(out, logits_p, logits_q)
+  # the sampler's own log-probs give the same MC estimate
+  mc = skl.mc_sequence_kl(out.model_logprobs, skl.next_token_logprobs(logits_q, out.tokens),
+                          out.generated_mask)
+  np.testing.assert_allclose(mc["per_sequence"], m["mc"]["per_sequence"], rtol=1e-4, atol=1e-3)
+  assert np.all(np.asarray(m["per_token"]["per_sequence"]) > 0)
