@@ -6,8 +6,9 @@ teacher generations, online teacher samples or on-policy student samples) with
     L(pi_S) = E_{x~rho} E_{y~nu(.|x)} sum_t w_t * l(p_T(.|x, y<t), p_S(.|x, y<t))
 
 (Tiapkin et al. 2025, "On Teacher Hacking in Language Model Distillation",
-arXiv 2502.02671, Sec. 3; the forward KL is the loss of their main figure and
-is the default here). The per-token divergences l offered:
+arXiv 2502.02671; the forward KL is the loss of their main figure and is the
+default here; the set of other losses they compare is a reconstruction [M]).
+The per-token divergences l offered:
 
   forward_kl     KL(p_T || p_S) = sum_v p_T(v) [log p_T(v) - log p_S(v)]
   reverse_kl     KL(p_S || p_T) = sum_v p_S(v) [log p_S(v) - log p_T(v)]
@@ -15,17 +16,19 @@ is the default here). The per-token divergences l offered:
                  m = beta p_T + (1 - beta) p_S, 0 < beta < 1
                  (generalized JSD as in GKD, Agarwal et al. 2024; <= log 2 at beta = 0.5)
   jeffreys       beta KL(p_T || p_S) + (1 - beta) KL(p_S || p_T)
-                 (beta = 0.5 is half the Jeffreys divergence) [M: the mix
-                 weighting is our choice, the paper lists only fwd/rev/JSD]
+                 (beta = 0.5 is half the Jeffreys divergence) [M: an extra
+                 option; the mix weighting is our choice]
   cross_entropy  H(p_T, p_S) = -sum_v p_T(v) log p_S(v)
-                 (Gemma 2 report, 2024, Sec. 3.2 "Knowledge distillation"). Its
+                 (Gemma Team 2024, "Gemma 2: Improving Open Language Models at
+                 a Practical Size", arXiv 2408.00118, knowledge distillation). Its
                  gradient w.r.t. the student equals the forward KL's; its value
                  exceeds KL(p_T || p_S) by the teacher entropy H(p_T), which is
                  returned with it ("teacher_entropy"; "forward_kl" too).
 
 Both distributions are p = softmax(z / temperature), computed in float32 with
-log_softmax (never softmax-then-log; probabilities are exp(log p)). Teacher
-logits pass through `jax.lax.stop_gradient`, so no gradient reaches the teacher.
+log_softmax (never softmax-then-log; probabilities are exp(log p)). Logits
+must be finite: mask vocabulary entries with a large negative number, not -inf.
+Teacher logits pass through `jax.lax.stop_gradient`: no gradient reaches them.
 `temperature_squared_scale=True` multiplies the loss by temperature^2 (Hinton et
 al. 2015) so gradient magnitudes do not shrink with temperature [M: off by
 default; the paper's temperature is 1].

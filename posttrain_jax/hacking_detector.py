@@ -1,7 +1,7 @@
 """Teacher-hacking detector: where a power-law training curve starts to flatten.
 
 Tiapkin et al. 2025 ("On Teacher Hacking in Language Model Distillation",
-arXiv 2502.02671, Sec. 5) observe that in healthy (online) distillation runs
+arXiv 2502.02671) observe that in healthy (online) distillation runs
 the proxy metric and the training loss are straight lines on log-log axes,
 
     metric(t) ~= C * t^(-alpha),  i.e.  log metric = a - alpha * log t,

@@ -1,7 +1,7 @@
 """Sequence-level KL estimators for the proxy and golden metrics.
 
 Tiapkin et al. 2025 ("On Teacher Hacking in Language Model Distillation",
-arXiv 2502.02671, Sec. 4) track two sequence-level divergences on held-out
+arXiv 2502.02671) track two sequence-level divergences on held-out
 prompts x:
 
     proxy  = D(pi_T, pi_S),   golden = D(pi*, pi_S),
