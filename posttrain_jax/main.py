@@ -25,6 +25,7 @@ from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.nonfinite_guard import NonFiniteError
 from posttrain_jax.optimizer import OptimizerConfig
+from posttrain_jax.streaming_diloco import DiLoCoConfig
 from posttrain_jax import train as train_lib
 
 
@@ -35,6 +36,7 @@ def register_configurables():
   cli.register(ModelConfig)
   cli.register(DatasetConfig)
   cli.register(OptimizerConfig)
+  cli.register(DiLoCoConfig)
   cli.register(train_lib.train, name="train")
   register_configurables.done = True
 

@@ -244,11 +244,12 @@ def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, cou
 def replica_steps(step: jax.Array, replicas, batch, *, inner_step: InnerStep,
                   spmd_axis_name: str | None = None):
   """(step + 1, replicas after one vmapped inner step each, metrics). Metrics
-  are replica means, plus loss_per_replica. Takes only the replicas (not the
-  outer state), so one compiled program serves every fragment configuration."""
+  are replica means (tokens: the sum), plus loss_per_replica. Takes only the
+  replicas (not the outer state), so one compiled program serves every
+  fragment configuration."""
   replicas, metrics = jax.vmap(inner_step, spmd_axis_name=spmd_axis_name)(
       replicas, batch)
-  out = {k: jnp.mean(v) for k, v in metrics.items()}
+  out = {k: jnp.sum(v) if k == "tokens" else jnp.mean(v) for k, v in metrics.items()}
   if "loss" in metrics:
     out["loss_per_replica"] = metrics["loss"]
   return step + 1, replicas, out

@@ -6,7 +6,9 @@ the input pipeline's position, so a preempted run continues exactly where it
 stopped. A fresh run may start from `initial_checkpoint` (a model directory,
 e.g. written by tools/convert_hf.py import, or another run): its parameters,
 a fresh optimizer state and step 0. The run's own checkpoint always wins over
-the initial checkpoint, and the log line says which one was used.
+the initial checkpoint, and the log line says which one was used. With
+`diloco`, the run is Streaming DiLoCo (`diloco_loop`): M replicas, outer
+parameters evaluated, traffic written as traffic/* scalars.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import params_checkpoint, partitioning
+from posttrain_jax import diloco_loop, params_checkpoint, partitioning
 from posttrain_jax.checkpointing import Checkpointer
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig, Transformer
@@ -28,6 +30,7 @@ from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.profiling import StepProfiler
 from posttrain_jax.progress import ProgressReporter
+from posttrain_jax.streaming_diloco import DiLoCoConfig
 from posttrain_jax.trainer import Trainer, TrainState
 
 
@@ -40,6 +43,7 @@ class TrainResult:
   initialised_from: str | None = None  # the initial_checkpoint actually used
   preempted: bool = False              # stopped by SIGTERM after saving
   skipped_steps: int = 0               # steps with a non-finite loss/gradient
+  traffic: dict[str, float] | None = None  # DiLoCo bytes (DiLoCoLoop.traffic)
 
 
 def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
@@ -108,7 +112,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
           operative_config: str | None = None,
           initial_checkpoint: str | None = None,
           nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
-          profile_steps: tuple[int, int] | None = None) -> TrainResult:
+          profile_steps: tuple[int, int] | None = None,
+          diloco: DiLoCoConfig | None = None) -> TrainResult:
   """Trains a decoder LM for `num_steps` optimizer steps.
 
   Args:
@@ -136,6 +141,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       row), "halt" stops at once (NonFiniteError).
     profile_steps: (start, stop) captures a jax.profiler trace of those steps
       into run_dir/profile.
+    diloco: train with Streaming DiLoCo (replicas on the mesh's "replica"
+      axis, see diloco_loop); evaluation and exports use the outer parameters.
 
   SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
   with TrainResult.preempted set; the next start resumes from it.
@@ -148,8 +155,15 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       f.write(operative_config)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   schedule, tx = optimizer.build(num_steps)
-  trainer = Trainer(Transformer(model_config), tx, schedule, mesh,
-                    num_microbatches=num_microbatches, z_loss=z_loss)
+  if diloco is None:
+    trainer = Trainer(Transformer(model_config), tx, schedule, mesh,
+                      num_microbatches=num_microbatches, z_loss=z_loss)
+    eval_params = lambda s: s.params
+  else:
+    trainer = diloco_loop.DiLoCoLoop(Transformer(model_config), tx, schedule, mesh,
+                                     diloco, batch_size=train_data.batch_size,
+                                     num_microbatches=num_microbatches, z_loss=z_loss)
+    eval_params = trainer.eval_params
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every,
                               max_to_keep=keep_checkpoints,
@@ -166,7 +180,9 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       origin += (f" of the run's own checkpoint (it wins over initial_checkpoint "
                  f"{initial_checkpoint}, which is ignored)")
   elif initial_checkpoint:
-    state = state_from_initial_checkpoint(trainer, model_config, initial_checkpoint)
+    state = (state_from_initial_checkpoint(trainer, model_config, initial_checkpoint)
+             if diloco is None else
+             trainer.state_from_initial_checkpoint(model_config, initial_checkpoint))
     initialised_from = os.path.abspath(initial_checkpoint)
     _copy_hf_metadata(initialised_from, run_dir)
     origin = f"initialised from initial_checkpoint {initialised_from}"
@@ -174,12 +190,14 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
     state = trainer.init_state(jax.random.key(seed))
     origin = "initialised"
   start = int(jax.device_get(state.step))
+  if diloco is not None:
+    trainer.start(start)
 
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
                               log_every=log_every)
   if operative_config:
     reporter.write_text(start, "config", operative_config)
-  params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eval_params(state)))
   reporter.print(f"{origin} | {params_count:,} params | mesh {dict(mesh.shape)} | "
                  f"run_dir {run_dir}")
 
@@ -205,10 +223,12 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
         guard.observe(last[0], bool(last[1]))
       last = (step, metrics["nonfinite"])
       reporter.update(step, metrics)
+      if diloco is not None and (step % log_every == 0 or step == num_steps):
+        trainer.write_traffic(reporter, step)
       checkpointer.save(step, state, {"train": data.get_state()},
                         force=step == num_steps)
       if eval_set and ((eval_every and step % eval_every == 0) or step == num_steps):
-        eval_metrics[step] = evaluate(trainer, state.params, eval_set)
+        eval_metrics[step] = evaluate(trainer, eval_params(state), eval_set)
         reporter.write_eval(step, eval_metrics[step])
     if last is not None and not preempted:
       guard.observe(last[0], bool(last[1]))
@@ -218,6 +238,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       checkpointer.wait()
       reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
                      "run the same command to resume")
+    if diloco is not None:
+      reporter.print(trainer.summary())
   finally:
     profiler.stop()
     watcher.close()
@@ -226,7 +248,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   return TrainResult(final_step=step if preempted else max(start, num_steps),
                      losses=dict(reporter.history), eval_metrics=eval_metrics,
                      resumed_from=resumed_from, initialised_from=initialised_from,
-                     preempted=preempted, skipped_steps=guard.skipped)
+                     preempted=preempted, skipped_steps=guard.skipped,
+                     traffic=trainer.traffic() if diloco is not None else None)
 
 
 def state_from_initial_checkpoint(trainer: Trainer, model_config: ModelConfig,
