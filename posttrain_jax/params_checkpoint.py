@@ -10,8 +10,8 @@
 shardings with `restore_params`, converting between the scanned and unscanned
 layouts when the run's ModelConfig.scan_layers differs from the saved layout.
 `locate` also accepts a training run directory (RUN/checkpoints/STEP/state, of
-which only the TrainState's params are read), so export and the logits checker
-work on fine-tuned runs; such a run finds its ModelConfig in RUN/config.gin.
+which only the TrainState's params are read; of a Streaming DiLoCo run, the
+outer params), so export and the logits checker work on fine-tuned runs; such a run finds its ModelConfig in RUN/config.gin.
 """
 
 from __future__ import annotations
@@ -145,6 +145,12 @@ def _run_steps(checkpoints: str) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(checkpoints, n, "state")))
 
 
+def _params_subtree(state_dir: str) -> str:
+  """"params" of a TrainState; "outer_params" (θ̃) of a Streaming DiLoCo state."""
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree
+  return "outer_params" if "params" not in tree and "outer_params" in tree else "params"
+
+
 def locate(directory: str, step: int | None = None) -> Location:
   """Finds the parameters in a model directory, a run directory or a run step."""
   d = os.path.abspath(directory)
@@ -158,9 +164,11 @@ def locate(directory: str, step: int | None = None) -> Location:
       step = steps[-1]
     elif step not in steps:
       raise FileNotFoundError(f"{d}/checkpoints has no step {step}; steps: {steps}.")
-    return Location(os.path.join(d, "checkpoints", str(step), "state"), "params", d, step)
+    path = os.path.join(d, "checkpoints", str(step), "state")
+    return Location(path, _params_subtree(path), d, step)
   if os.path.isdir(os.path.join(d, "state")) and os.path.basename(d).isdigit():
-    return Location(os.path.join(d, "state"), "params",
+    path = os.path.join(d, "state")
+    return Location(path, _params_subtree(path),
                     os.path.dirname(os.path.dirname(d)), int(os.path.basename(d)))
   raise FileNotFoundError(
       f"{d} is neither a model directory (holding {PARAMS}/ and {MODEL_GIN}, as "

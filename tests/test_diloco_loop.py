@@ -4,10 +4,11 @@ it trains, writes traffic scalars, and resumes exactly mid-window."""
 import os
 
 import gin
+import jax
 import numpy as np
 import pytest
 
-from posttrain_jax import cli, main, partitioning
+from posttrain_jax import cli, main, params_checkpoint, partitioning
 from posttrain_jax import streaming_diloco as sd
 from posttrain_jax.diloco_loop import DiLoCoLoop
 from posttrain_jax.models import ModelConfig, Transformer
@@ -36,7 +37,8 @@ def gin_train(run_dir, num_steps, experiment="streaming_fp4"):
     cli.configure(cli.parse_flags(
         [f"--gin_file={REPO}/gin/experiments/streaming_diloco/{experiment}.gin",
          f"--gin.RUN_DIR='{run_dir}'", f"--gin.NUM_STEPS={num_steps}", *TINY]))
-    return gin.get_configurable("posttrain_jax.train")()
+    return gin.get_configurable("posttrain_jax.train")(
+        operative_config=gin.config_str())
   finally:
     gin.clear_config()
 
@@ -73,6 +75,15 @@ def test_gin_streaming_diloco_trains_reports_traffic_and_resumes_exactly(tmp_pat
   np.testing.assert_allclose(second.eval_metrics[8]["loss"], full.eval_metrics[8]["loss"],
                              rtol=1e-6)
   assert second.traffic == full.traffic  # totals rebuilt from the checkpoint step
+
+  # exports / samplers reading the run directory get the outer parameters
+  location = params_checkpoint.locate(str(tmp_path / "split"))
+  assert location.subtree == "outer_params" and location.step == 8
+  cfg = params_checkpoint.model_config_of(location)
+  params = params_checkpoint.load_numpy_params(str(tmp_path / "split"), cfg)
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  saved = ocp.PyTreeCheckpointer().restore(location.path)
+  jax.tree.map(np.testing.assert_array_equal, params, saved["outer_params"])
 
 
 def test_replica_axis_must_fit_num_replicas():
