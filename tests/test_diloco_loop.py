@@ -29,14 +29,14 @@ TINY = ["--gin.ModelConfig.embed_dim=32", "--gin.ModelConfig.num_heads=2",
         "--gin.DiLoCoConfig.sync_every=4"]
 
 
-def gin_train(run_dir, num_steps, experiment="streaming_fp4"):
+def gin_train(run_dir, num_steps, experiment="streaming_fp4", extra=()):
   main.register_configurables()
   import posttrain_jax.data.tasks  # pylint: disable=unused-import,import-outside-toplevel
   gin.clear_config()
   try:
     cli.configure(cli.parse_flags(
         [f"--gin_file={REPO}/gin/experiments/streaming_diloco/{experiment}.gin",
-         f"--gin.RUN_DIR='{run_dir}'", f"--gin.NUM_STEPS={num_steps}", *TINY]))
+         f"--gin.RUN_DIR='{run_dir}'", f"--gin.NUM_STEPS={num_steps}", *TINY, *extra]))
     return gin.get_configurable("posttrain_jax.train")(
         operative_config=gin.config_str())
   finally:
@@ -84,6 +84,12 @@ def test_gin_streaming_diloco_trains_reports_traffic_and_resumes_exactly(tmp_pat
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   saved = ocp.PyTreeCheckpointer().restore(location.path)
   jax.tree.map(np.testing.assert_array_equal, params, saved["outer_params"])
+
+  # a fresh DiLoCo run can start from them (initial_checkpoint)
+  warm = gin_train(tmp_path / "warm", 1, extra=[
+      f"--gin.train.initial_checkpoint='{tmp_path / 'split'}'"])
+  assert warm.initialised_from == str(tmp_path / "split")
+  assert warm.losses[1] < full.losses[2]
 
 
 def test_replica_axis_must_fit_num_replicas():
