@@ -105,3 +105,24 @@ def test_replica_axis_must_fit_num_replicas():
   with pytest.raises(ValueError, match=r"batch size a multiple of 16"):
     DiLoCoLoop(model, tx, schedule, mesh, sd.DiLoCoConfig(num_replicas=2),
                batch_size=8)
+
+
+@pytest.mark.parametrize("experiment,replicas,fragments", [
+    ("data_parallel", None, None), ("diloco_h30", 2, 1), ("streaming_fp4", 2, 2)])
+def test_experiment_gins_configure(experiment, replicas, fragments):
+  main.register_configurables()
+  gin.clear_config()
+  try:
+    cli.configure(cli.parse_flags(
+        [f"--gin_file={REPO}/gin/experiments/streaming_diloco/{experiment}.gin",
+         "--gin.RUN_DIR='/tmp/unused'"]))
+    diloco = gin.query_parameter("train.diloco")
+    if replicas is None:
+      assert diloco is None
+    else:
+      config = gin.get_configurable(sd.DiLoCoConfig)()
+      assert (config.num_replicas, config.num_fragments, config.sync_every) == (
+          replicas, fragments, 30)
+    assert gin.query_parameter("%BATCH_SIZE") == 16  # equal tokens in all three
+  finally:
+    gin.clear_config()
