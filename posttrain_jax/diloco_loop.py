@@ -2,7 +2,7 @@
 
 `DiLoCoLoop` gives `train.train` the interface of `trainer.Trainer` that the
 loop uses (abstract_state, init_state, shard_batch, eval_sums, train_step)
-around a `streaming_diloco.DiLoCoTrainer`, plus what differs:
+around a `diloco_trainer.DiLoCoTrainer`, plus what differs:
 
 - the evaluated / counted parameters are the OUTER parameters θ̃
   (`eval_params`); checkpoints hold the whole DiLoCoState (replicas, θ̃, outer
@@ -25,7 +25,7 @@ import math
 
 import jax
 
-from posttrain_jax import params_checkpoint, partitioning
+from posttrain_jax import diloco_trainer, params_checkpoint, partitioning
 from posttrain_jax import streaming_diloco as sd
 
 
@@ -45,7 +45,7 @@ class DiLoCoLoop:
           f"be {m} (e.g. dcn_parallelism={{'replica': {m}}}), or, in a single "
           f"process, a divisor of {m}; the mesh has replica={r} with "
           f"{jax.process_count()} process(es).")
-    inner_batch = partitioning.batch_sharding(mesh, sd.without_mesh_axis(
+    inner_batch = partitioning.batch_sharding(mesh, diloco_trainer.without_mesh_axis(
         partitioning.DEFAULT_RULES)).spec[0]
     axes = inner_batch if isinstance(inner_batch, tuple) else (inner_batch,)
     shards = math.prod(mesh.shape[a] for a in axes if a)
@@ -56,7 +56,7 @@ class DiLoCoLoop:
           f"shards of the mesh {dict(mesh.shape)} (batch size a multiple of "
           f"{m * shards}).")
     self.config = config
-    self.trainer = sd.DiLoCoTrainer(model, tx, schedule, mesh, config,
+    self.trainer = diloco_trainer.DiLoCoTrainer(model, tx, schedule, mesh, config,
                                     num_microbatches=num_microbatches, z_loss=z_loss)
     self.abstract_state = self.trainer.abstract_state
     self.counter = self.trainer.new_counter()

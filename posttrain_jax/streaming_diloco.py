@@ -78,16 +78,13 @@ import math
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from posttrain_jax import fragments as fr
-from posttrain_jax import partitioning, quantization
-from posttrain_jax.trainer import Trainer, TrainState, _MeshRules, train_step
+from posttrain_jax import quantization
 
 REPLICA_AXIS = "replica"
 InnerStep = Callable[[Any, Any], tuple[Any, dict]]
@@ -488,20 +485,6 @@ def _jit_inner_cached(inner_step, spmd_axis_name):
                  donate_argnums=(0, 1))
 
 
-def without_mesh_axis(rules, axis: str = REPLICA_AXIS):
-  """Logical-axis rules with `axis` removed (used inside the replica vmap,
-  where the vmapped dimension already occupies it)."""
-  out = []
-  for name, mesh_axes in rules:
-    if isinstance(mesh_axes, (tuple, list)):
-      kept = tuple(a for a in mesh_axes if a != axis)
-      mesh_axes = kept if len(kept) > 1 else (kept[0] if kept else None)
-    elif mesh_axes == axis:
-      mesh_axes = None
-    out.append((name, mesh_axes))
-  return tuple(out)
-
-
 def split_replicas(batch, num_replicas: int):
   """[B, ...] -> [M, B/M, ...]: replica m gets rows [m B/M, (m+1) B/M), i.e. with
   one process per replica, that process's own rows."""
@@ -511,123 +494,3 @@ def split_replicas(batch, num_replicas: int):
                        f"num_replicas {num_replicas}.")
     return x.reshape((num_replicas, x.shape[0] // num_replicas) + x.shape[1:])
   return jax.tree.map(split, batch)
-
-
-class DiLoCoTrainer:
-  """Streaming DiLoCo for the LM `trainer.train_step`, partitioned like
-  `Trainer`: replica states are sharded P("replica", *param_spec), θ̃ and the
-  outer/in-flight state like the params (replicated over "replica").
-
-  The loop feeds the same global [B, T] batches as for `Trainer`
-  (`shard_batch`); the step splits them into M contiguous row blocks, one per
-  replica. `train_step(state, batch, step)` takes the host's step count to pick
-  the event's program; `event(step)` and a `ByteCounter` (`new_counter`) give
-  the traffic. Evaluate `state.outer_params` with `eval_sums`.
-  """
-
-  def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, mesh: jax.sharding.Mesh,
-               config: DiLoCoConfig, rules=partitioning.DEFAULT_RULES,
-               num_microbatches: int = 1, z_loss: float = 0.0,
-               inner_step: InnerStep | None = None):
-    self.mesh, self.rules, self.config = mesh, rules, config
-    self.inner_rules = without_mesh_axis(rules)
-    self.trainer = Trainer(model, tx, schedule, mesh, rules,
-                           num_microbatches=num_microbatches, z_loss=z_loss)
-    inner_step = inner_step or functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule,
-        num_microbatches=num_microbatches, z_loss=z_loss)
-    self.algo = StreamingDiLoCo(config, inner_step, self.trainer.abstract_state.params,
-                                spmd_axis_name=REPLICA_AXIS)
-    self.algo._jit_inner = self._jit_inner  # pylint: disable=protected-access
-    self.algo._jit_outer = self._jit_outer  # pylint: disable=protected-access
-    self.fragments, self.schedule = self.algo.fragments, self.algo.schedule
-    self.traffic = self.algo.traffic
-
-    r = mesh.shape[REPLICA_AXIS]
-    if config.num_replicas % r:
-      raise ValueError(f"num_replicas {config.num_replicas} is not divisible by the "
-                       f"mesh's replica axis ({r}).")
-    replicated = partitioning.replicated(mesh)
-    stack = lambda s: NamedSharding(mesh, PartitionSpec(
-        REPLICA_AXIS if r > 1 else None, *s.spec))
-    param_sh = self.trainer.param_shardings
-
-    def frag_sharding(s, rows):
-      return s if rows is None else NamedSharding(mesh, PartitionSpec(None, *s.spec[1:]))
-
-    frag_sh = [fr.take_like(param_sh, f, frag_sharding) for f in self.fragments]
-    abstract = jax.eval_shape(self.algo.init_fn, self.trainer.abstract_state)
-    opt_sh = tuple(optax.tree_map_params(self.algo.outer_tx, lambda _, s: s, o, sh,
-                                         transform_non_params=lambda _: replicated)
-                   for o, sh in zip(abstract.outer_opt_state, frag_sh))
-    self.state_shardings = DiLoCoState(
-        replicated, jax.tree.map(stack, self.trainer.state_shardings), param_sh,
-        opt_sh, tuple({"delta": sh, "count": replicated} for sh in frag_sh))
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract, self.state_shardings)
-    self.batch_sharding = self.trainer.batch_sharding
-    inner_batch = partitioning.batch_sharding(mesh, self.inner_rules).spec
-    self._replica_batch_spec = PartitionSpec(REPLICA_AXIS if r > 1 else None,
-                                             *inner_batch)
-    self._init = jax.jit(lambda rng: self.algo.init_fn(self.trainer._init_state(rng)),  # pylint: disable=protected-access
-                         out_shardings=self.state_shardings)
-    self._from_params = jax.jit(self._state_from_params,
-                                in_shardings=(param_sh,),
-                                out_shardings=self.state_shardings)
-
-  def _state_from_params(self, params):
-    inner = TrainState(jnp.zeros((), jnp.int32), params, self.trainer.tx.init(params))
-    return self.algo.init_fn(inner)
-
-  def _jit_inner(self, inner_fn):
-    m = self.config.num_replicas
-    spec = self._replica_batch_spec
-
-    def fn(step, replicas, batch):
-      batch = split_replicas(batch, m)
-      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-          x, NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))), batch)
-      return inner_fn(step, replicas, batch)
-    replicated = partitioning.replicated(self.mesh)
-    replica_sh = self.state_shardings.replicas
-    return jax.jit(fn, in_shardings=(replicated, replica_sh, self.batch_sharding),
-                   out_shardings=(replicated, replica_sh, replicated),
-                   donate_argnums=(0, 1))
-
-  def _jit_outer(self, outer_fn):
-    replicated = partitioning.replicated(self.mesh)
-    return jax.jit(outer_fn, in_shardings=(self.state_shardings, replicated),
-                   out_shardings=self.state_shardings, donate_argnums=(0,))
-
-  def init_state(self, rng: jax.Array) -> DiLoCoState:
-    with _MeshRules(self.mesh, self.rules):
-      return self._init(rng)
-
-  def state_from_params(self, params) -> DiLoCoState:
-    """Step 0 from given params (e.g. an initial checkpoint), fresh optimizers."""
-    with _MeshRules(self.mesh, self.rules):
-      return self._from_params(params)
-
-  def event(self, step: int) -> fr.Event:
-    return self.algo.event(step)
-
-  def new_counter(self) -> ByteCounter:
-    return self.algo.new_counter()
-
-  def counter_at(self, step: int) -> ByteCounter:
-    return self.algo.counter_at(step)
-
-  def train_step(self, state: DiLoCoState, batch, step: int | None = None,
-                 participating=None):
-    """One step on a global [B, ...] batch (as `Trainer.train_step`); `step` =
-    state.step as known on the host (None reads it from the device)."""
-    with _MeshRules(self.mesh, self.inner_rules):
-      return self.algo.train_step(state, batch, step, participating)
-
-  def eval_sums(self, params, batch):
-    return self.trainer.eval_sums(params, batch)
-
-  def shard_batch(self, local_batch):
-    return self.trainer.shard_batch(local_batch)

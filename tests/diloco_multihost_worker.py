@@ -23,6 +23,7 @@ if nproc > 1:
 
 from posttrain_jax import partitioning  # pylint: disable=g-import-not-at-top
 from posttrain_jax import streaming_diloco as sd  # pylint: disable=g-import-not-at-top
+from posttrain_jax.diloco_trainer import DiLoCoTrainer  # pylint: disable=g-import-not-at-top
 from posttrain_jax.models import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
 from posttrain_jax.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
 
@@ -32,7 +33,7 @@ mesh = partitioning.create_mesh({"fsdp": -1}, {"replica": 2})
 schedule, tx = OptimizerConfig(learning_rate=1e-2, warmup_steps=1).build(10)
 config = sd.DiLoCoConfig(num_replicas=2, sync_every=2, num_fragments=2, overlap=1,
                          alpha=0.5, outer_lr=0.7, quantization="fp4_e3m0")
-trainer = sd.DiLoCoTrainer(Transformer(cfg), tx, schedule, mesh, config)
+trainer = DiLoCoTrainer(Transformer(cfg), tx, schedule, mesh, config)
 state = trainer.init_state(jax.random.key(0))
 
 B, T = 8, 8

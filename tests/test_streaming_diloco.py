@@ -13,6 +13,7 @@ import pytest
 from posttrain_jax import fragments as fr
 from posttrain_jax import partitioning, quantization
 from posttrain_jax.checkpointing import Checkpointer
+from posttrain_jax.diloco_trainer import DiLoCoTrainer
 from posttrain_jax import streaming_diloco as sd
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.optimizer import OptimizerConfig
@@ -329,7 +330,7 @@ def test_sharded_trainer_matches_unsharded(tmp_path):
 
   mesh = partitioning.create_mesh({"fsdp": 2, "tensor": 2}, {"replica": 2})
   schedule, tx = OptimizerConfig(learning_rate=1e-2, warmup_steps=1).build(10)
-  trainer = sd.DiLoCoTrainer(Transformer(CFG), tx, schedule, mesh, config)
+  trainer = DiLoCoTrainer(Transformer(CFG), tx, schedule, mesh, config)
   state, losses = trainer.init_state(jax.random.key(0)), []
   for t, batch in enumerate(batches):
     state, metrics = trainer.train_step(state, trainer.shard_batch(jax.device_get(batch)), t)
