@@ -1,8 +1,19 @@
-"""What the launchers share: the training binary's own arguments and errors."""
+"""What the launchers share: the binary, its own arguments, its environment, errors."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BINARY_MODULE = "posttrain_jax.main"
+
+# The launcher -> binary environment contract; posttrain_jax/distributed.py
+# reads these (the launchers do not import jax, so the names are repeated there).
+ENV_COORDINATOR = "POSTTRAIN_JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "POSTTRAIN_JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "POSTTRAIN_JAX_PROCESS_ID"
+ENV_DISTRIBUTED = "POSTTRAIN_JAX_DISTRIBUTED"
 
 # Arguments that belong to the training binary (posttrain_jax.cli.parse_flags).
 BINARY_FLAGS = ("--gin_file", "--gin_bindings", "--gin_search_paths", "--module_import")

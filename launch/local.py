@@ -39,17 +39,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from binary_args import LaunchError, split_binary_args  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import TextIO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY_MODULE = "posttrain_jax.main"
-
-ENV_COORDINATOR = "POSTTRAIN_JAX_COORDINATOR"
-ENV_NUM_PROCESSES = "POSTTRAIN_JAX_NUM_PROCESSES"
-ENV_PROCESS_ID = "POSTTRAIN_JAX_PROCESS_ID"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from binary_args import (BINARY_MODULE, ENV_COORDINATOR, ENV_NUM_PROCESSES,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                         ENV_PROCESS_ID, REPO, LaunchError, split_binary_args)
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 EXIT_TIMEOUT = 124

@@ -51,18 +51,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from binary_args import LaunchError, split_binary_args  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY_MODULE = "posttrain_jax.main"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from binary_args import (BINARY_MODULE, ENV_DISTRIBUTED, ENV_NUM_PROCESSES, REPO,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                         LaunchError, split_binary_args)
+
 DEFAULT_BASE_IMAGE = "python:3.11"
 CONTAINER_WORKDIR = "/workdir"
 
-ENV_DISTRIBUTED = "POSTTRAIN_JAX_DISTRIBUTED"
-ENV_NUM_PROCESSES = "POSTTRAIN_JAX_NUM_PROCESSES"
 
 
 
