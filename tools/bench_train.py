@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
-import re
 import resource
 import sys
 import time
@@ -127,21 +125,9 @@ def read_model_gin(path: str) -> dict:
     raise ConfigError(str(e)) from e
 
 
-def _suggest(word, options) -> str:
-  close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
-  return f" Did you mean: {', '.join(close)}?" if close else ""
-
-
 def _gin_model_config(flags) -> ModelConfig:
   configurable = cli.register(ModelConfig)
-  try:
-    cli.configure(flags)
-  except cli.ConfigError as e:
-    message = str(e)
-    m = re.match(r"Unknown parameter '(\w+)' of '[\w.]*ModelConfig'", message)
-    if m and "Did you mean" not in message:
-      message += _suggest(m.group(1), [f.name for f in dataclasses.fields(ModelConfig)])
-    raise ConfigError(message) from e
+  cli.configure(flags)  # its errors name the closest parameter already
   return cli.call(configurable)
 
 

@@ -17,11 +17,8 @@ Configuration errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import os
-import re
 import sys
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,13 +26,13 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax import cli
-from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax import params_checkpoint
+from posttrain_jax.models import ModelConfig
 
 
 def _parse_args(rest):
@@ -65,28 +62,11 @@ def build_config(flags: cli.GinFlags) -> ModelConfig:
   try:
     cli.configure(flags)
   except cli.ConfigError as e:
-    raise cli.ConfigError(suggest_field(str(e))) from e
+    raise cli.ConfigError(str(e)) from e
   try:
     return cli.call(configurable)
   except (ValueError, TypeError) as e:
     raise cli.ConfigError(cli.strip_gin_context(str(e))) from e
-
-
-def suggest_field(message: str) -> str:
-  """Adds "Did you mean" for a misspelt ModelConfig field if cli did not."""
-  m = re.match(r"Unknown parameter '(\w+)' of '[\w.]*ModelConfig'", message)
-  if not m or "Did you mean" in message:
-    return message
-  fields = [f.name for f in dataclasses.fields(ModelConfig)]
-  close = difflib.get_close_matches(m.group(1), fields, n=3, cutoff=0.5)
-  return f"{message} Did you mean: {', '.join(close)}?" if close else message
-
-
-def abstract_params(cfg: ModelConfig):
-  """Shapes/dtypes of the model's parameters, without allocating them."""
-  def init(rng):
-    return Transformer(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-  return nn.unbox(jax.eval_shape(init, jax.random.key(0)))
 
 
 def _path_name(path) -> str:
@@ -125,7 +105,7 @@ def count(params) -> dict:
 
 def info(cfg: ModelConfig, seq_len: int, name: str = "ModelConfig",
          breakdown: bool = False) -> dict:
-  counts = count(abstract_params(cfg))
+  counts = count(params_checkpoint.abstract_params(cfg))
   flops = cfg.flops_per_token(seq_len)
   out = {
       "config": name,
