@@ -3,8 +3,9 @@
   python -m posttrain_jax.main --gin_file=gin/experiments/quickstart.gin \
       [--gin_file=more.gin] [--gin.NAME=VALUE ...] [--module_import=my.tasks]
 
-Registers the library's plain configuration classes and `train` with gin,
-parses the configuration and runs `posttrain_jax.train.train`. Configuration
+Registers the library's plain configuration classes and the jobs in `JOBS`
+with gin, parses the configuration and runs the job the gin files select with
+`job.name = "..."` (default "train": `posttrain_jax.train.train`). Configuration
 and input errors print one line and exit with status 2 (set
 POSTTRAIN_JAX_TRACEBACK=1 for the full traceback).
 """
@@ -26,7 +27,22 @@ from posttrain_jax.models import ModelConfig
 from posttrain_jax.nonfinite_guard import NonFiniteError
 from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.streaming_diloco import DiLoCoConfig
-from posttrain_jax import train as train_lib
+
+# Job name (gin: `job.name = "..."`) -> "module:function". Each function takes
+# plain arguments plus `operative_config` and is registered under the job name.
+JOBS = {
+    "train": "posttrain_jax.train:train",
+}
+
+
+def job(name: str = "train") -> str:
+  """Which entry of JOBS the binary runs (gin: `job.name`)."""
+  return name
+
+
+def _job_function(spec: str):
+  module, _, fn = spec.partition(":")
+  return getattr(importlib.import_module(module), fn)
 
 
 def register_configurables():
@@ -37,7 +53,9 @@ def register_configurables():
   cli.register(DatasetConfig)
   cli.register(OptimizerConfig)
   cli.register(DiLoCoConfig)
-  cli.register(train_lib.train, name="train")
+  cli.register(job)
+  for name, spec in JOBS.items():
+    cli.register(_job_function(spec), name=name)
   register_configurables.done = True
 
 
@@ -63,9 +81,12 @@ def main(argv) -> int:
       importlib.import_module(module)
     except ImportError as e:
       raise cli.ConfigError(f"--module_import={module}: {e}") from e
-  train_fn = gin.get_configurable("posttrain_jax.train")
+  name = cli.call(gin.get_configurable("posttrain_jax.job"))
+  if name not in JOBS:
+    raise cli.ConfigError(f"Unknown job.name {name!r}; choose one of {sorted(JOBS)}.")
+  job_fn = gin.get_configurable(f"posttrain_jax.{name}")
   try:
-    cli.call(train_fn, operative_config=gin.config_str())
+    cli.call(job_fn, operative_config=gin.config_str())
   except (ValueError, FileNotFoundError) as e:
     if os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
       raise

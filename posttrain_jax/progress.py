@@ -24,16 +24,23 @@ def _duration(seconds: float) -> str:
 class ProgressReporter:
   """Averages step metrics over a window and writes them every `log_every` steps.
 
-  Scalars written: loss, z_loss, accuracy, grad_norm, learning_rate (window
-  means), tokens_per_sec, steps_per_sec; `history` keeps every step's loss.
+  Scalars written: every metric of the step (window means; "tokens" becomes
+  tokens_per_sec) and steps_per_sec; `history` keeps every step's "loss". The
+  progress line shows the `shown` metrics that are present.
   """
 
+  # (metric key, label, format) printed on the progress line when present.
+  SHOWN = (("loss", "loss", "{:.4f}"), ("accuracy", "acc", "{:.3f}"),
+           ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "gnorm", "{:.3f}"),
+           ("tokens_per_sec", "tok/s", "{:,.0f}"))
+
   def __init__(self, log_dir: str, *, total_steps: int, start_step: int,
-               log_every: int = 10, stream=sys.stdout):
+               log_every: int = 10, stream=sys.stdout, shown=None):
     self.writer = metric_writers.create_default_writer(
         log_dir, just_logging=jax.process_index() > 0)
     self.total_steps, self.log_every, self.stream = total_steps, log_every, stream
     self.history: dict[int, float] = {}
+    self.shown = self.SHOWN if shown is None else tuple(shown)
     self._pending: list[tuple[int, dict]] = []
     self._last_time, self._last_step = time.perf_counter(), start_step
 
@@ -60,19 +67,20 @@ class ProgressReporter:
     step = steps[-1]
     now = time.perf_counter()
     elapsed = now - self._last_time
-    tokens = float(sum(m["tokens"] for m in fetched))
     scalars = {k: float(np.mean([m[k] for m in fetched]))
                for k in fetched[0] if k != "tokens"}
     scalars["steps_per_sec"] = (step - self._last_step) / max(elapsed, 1e-9)
-    scalars["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+    if "tokens" in fetched[0]:
+      tokens = float(sum(m["tokens"] for m in fetched))
+      scalars["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
     self.writer.write_scalars(step, scalars)
     eta = (self.total_steps - step) / max(scalars["steps_per_sec"], 1e-9)
     width = len(str(self.total_steps))
-    self.print(
-        f"step {step:>{width}}/{self.total_steps} | loss {scalars['loss']:.4f} | "
-        f"acc {scalars['accuracy']:.3f} | lr {scalars['learning_rate']:.2e} | "
-        f"gnorm {scalars['grad_norm']:.3f} | {scalars['tokens_per_sec']:,.0f} tok/s | "
-        f"{scalars['steps_per_sec']:.2f} steps/s | ETA {_duration(eta)}")
+    shown = [f"step {step:>{width}}/{self.total_steps}"]
+    shown += [f"{label} {fmt.format(scalars[key])}" for key, label, fmt in self.shown
+              if key in scalars]
+    shown.append(f"{scalars['steps_per_sec']:.2f} steps/s | ETA {_duration(eta)}")
+    self.print(" | ".join(shown))
     self._pending.clear()
     self._last_time, self._last_step = now, step
 
