@@ -9,6 +9,7 @@ total loss weight, so an accumulated step equals the full-batch step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 from typing import Any
 
@@ -23,6 +24,9 @@ from posttrain_jax import partitioning
 from posttrain_jax.losses import cross_entropy_sums
 
 Batch = dict[str, jax.Array]
+# loss_fn(params, batch, aux) -> (objective summed over the batch, dict of sums
+# with "weight"); see optimizer_step.
+LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
@@ -61,17 +65,25 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               num_microbatches: int = 1, z_loss: float = 0.0,
-               skip_nonfinite: bool = True):
-  """One optimizer step over `batch`, accumulating over microbatches.
+def optimizer_step(state: TrainState, batch: Batch, aux=None, *,
+                   loss_fn: LossFn, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, num_microbatches: int = 1,
+                   skip_nonfinite: bool = True):
+  """One optimizer step of any summed loss, accumulating over microbatches.
 
-  With skip_nonfinite, a step whose loss or gradient is not finite leaves the
-  parameters and optimizer state unchanged (the step counter still advances);
-  metrics["nonfinite"] is 1 for such a step.
+  loss_fn(params, batch, aux) -> (objective_sum, sums): the objective summed
+  over the batch and a dict of sums that includes "weight" (what to normalise
+  by, e.g. the number of target tokens). The gradient is that of
+  objective_sum / weight over the whole batch, so accumulation over
+  microbatches equals the full-batch step. `aux` is passed through unchanged
+  (e.g. a frozen teacher's parameters) and gets no gradient.
+
+  Metrics: every sum divided by the weight, "tokens" (the weight), grad_norm,
+  learning_rate and "nonfinite". With skip_nonfinite, a step whose objective
+  or gradient is not finite leaves the parameters and optimizer state
+  unchanged (the step counter still advances); metrics["nonfinite"] is 1.
   """
-  grad_fn = jax.grad(lambda p, b: _sum_loss(model, p, b, z_loss), has_aux=True)
+  grad_fn = jax.grad(lambda p, b: loss_fn(p, b, aux), has_aux=True)
 
   if num_microbatches == 1:
     grads, sums = grad_fn(state.params, batch)
@@ -88,28 +100,43 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   weight = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+  finite = jnp.all(jnp.array([jnp.isfinite(v) for v in jax.tree.leaves(sums)])) & (
+      jnp.isfinite(grad_norm))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if skip_nonfinite:
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep, params, state.params)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-  metrics = {
-      "loss": sums["cross_entropy"] / weight,
-      "z_loss": sums["z_loss"] / weight,
-      "accuracy": sums["correct"] / weight,
+  metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
+  metrics.update({
       "grad_norm": grad_norm,
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "learning_rate": schedule(state.step),
       "tokens": sums["weight"],
-  }
+  })
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def _sum_loss(model, params, batch, z_loss):
-  sums = lm_loss_sums(model, params, batch, z_loss)
-  return sums["loss"], sums
+def lm_objective(model: nn.Module, z_loss: float = 0.0) -> LossFn:
+  """The LM loss as an `optimizer_step` loss_fn: metrics loss (cross-entropy
+  per token), z_loss and accuracy."""
+  def loss_fn(params, batch, aux=None):
+    del aux
+    sums = lm_loss_sums(model, params, batch, z_loss)
+    return sums["loss"], {"loss": sums["cross_entropy"], "z_loss": sums["z_loss"],
+                          "accuracy": sums["correct"], "weight": sums["weight"]}
+  return loss_fn
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               num_microbatches: int = 1, z_loss: float = 0.0,
+               skip_nonfinite: bool = True):
+  """One LM optimizer step (`optimizer_step` with `lm_objective`)."""
+  return optimizer_step(state, batch, loss_fn=lm_objective(model, z_loss), tx=tx,
+                        schedule=schedule, num_microbatches=num_microbatches,
+                        skip_nonfinite=skip_nonfinite)
 
 
 class Trainer:
