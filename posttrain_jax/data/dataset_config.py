@@ -10,7 +10,9 @@ class DatasetConfig:
   """Which seqio task/split to read and how to batch it.
 
   batch_size is the global batch; each process reads batch_size / process_count
-  rows of its own shard.
+  rows of its own shard. sequence_length is the whole decoder length; for
+  prefix-LM tasks ("inputs" prompt + "targets" response) inputs_length is the
+  part of it the prompt may use (required there, None for plain LM tasks).
   """
 
   task_name: str
@@ -21,3 +23,4 @@ class DatasetConfig:
   seed: int = 0
   pack: bool = True
   num_epochs: int | None = None  # None repeats forever (training)
+  inputs_length: int | None = None  # prompt budget of prefix-LM tasks

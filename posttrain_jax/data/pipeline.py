@@ -6,6 +6,13 @@ are int32; ``decoder_loss_weights`` is float32 (1.0 on real target tokens, 0.0
 on padding). Segment ids are 1, 2, ... per packed example and 0 on padding;
 positions restart at 0 for every segment.
 
+Tasks with an ``"inputs"`` feature (prompt) and ``"targets"`` (response) are
+prefix-LM: the converter concatenates inputs + targets into one decoder
+sequence of ``sequence_length`` tokens, the prompt part trimmed to
+``inputs_length`` and the response to ``sequence_length - inputs_length``;
+loss weights are 1 on response tokens only. Attention stays causal everywhere
+(the converter's ``decoder_causal_attention`` is dropped).
+
 ``batch_size`` is the per-process batch: with several hosts give each one
 ``shard_index=jax.process_index(), num_shards=jax.process_count()``.
 Determinism: same config => same batches, in any process.
@@ -31,8 +38,10 @@ MODEL_FEATURE_KEYS = (
 # Fields of get_state() that must match for set_state() (everything but the position).
 STATE_CONFIG_FIELDS = (
     "task_name", "split", "seed", "sequence_length", "batch_size", "shuffle",
-    "num_epochs", "pack", "shard_index", "num_shards",
+    "num_epochs", "pack", "shard_index", "num_shards", "inputs_length",
 )
+# Value of a field that states saved before the field existed lack.
+_STATE_FIELD_DEFAULTS = {"inputs_length": None}
 
 
 def _to_model_features(pack: bool, sequence_length: int):
@@ -65,6 +74,31 @@ def _describe(task_name: str, split: str, shard_index: int, num_shards: int) -> 
     return where + (f", shard {shard_index} of {num_shards}" if num_shards > 1 else "")
 
 
+def is_prefix_lm(task: seqio.Task) -> bool:
+    """Whether a task has a prompt ("inputs") besides its "targets"."""
+    return "inputs" in task.output_features
+
+
+def _feature_lengths(task: seqio.Task, sequence_length: int,
+                     inputs_length: int | None) -> dict[str, int]:
+    """seqio task feature lengths: targets only, or inputs + targets = sequence_length."""
+    if not is_prefix_lm(task):
+        if inputs_length is not None:
+            raise ValueError(
+                f"inputs_length={inputs_length} was given but task {task.name!r} has no "
+                "\"inputs\" feature (it is plain LM). Fix: drop inputs_length.")
+        return {"targets": sequence_length}
+    if inputs_length is None:
+        raise ValueError(
+            f"Task {task.name!r} is prefix-LM (\"inputs\" + \"targets\") and needs "
+            "inputs_length, the prompt part of sequence_length. Fix: set inputs_length "
+            "(DatasetConfig.inputs_length), e.g. sequence_length // 2.")
+    if not 0 < inputs_length < sequence_length:
+        raise ValueError(f"inputs_length must be in (0, sequence_length={sequence_length}) "
+                         f"to leave room for the response, got {inputs_length}.")
+    return {"inputs": inputs_length, "targets": sequence_length - inputs_length}
+
+
 def _validate(task_name: str, split: str, sequence_length: int, batch_size: int,
               num_epochs: int | None, shard_index: int, num_shards: int) -> seqio.Task:
     """Check arguments and that the split has input files; return the task."""
@@ -89,12 +123,16 @@ def _validate(task_name: str, split: str, sequence_length: int, batch_size: int,
 
 def build_dataset(*, task_name: str, split: str, sequence_length: int, shuffle: bool,
                   seed: int, num_epochs: int | None, pack: bool, shard_index: int = 0,
-                  num_shards: int = 1) -> tf.data.Dataset:
-    """Unbatched, deterministic tf.data pipeline of model-feature examples."""
-    _validate(task_name, split, sequence_length, 1, num_epochs, shard_index, num_shards)
+                  num_shards: int = 1, inputs_length: int | None = None) -> tf.data.Dataset:
+    """Unbatched, deterministic tf.data pipeline of model-feature examples.
+
+    ``inputs_length`` is required for prefix-LM tasks and rejected for plain LM.
+    """
+    task = _validate(task_name, split, sequence_length, 1, num_epochs, shard_index,
+                     num_shards)
     ds = seqio.get_dataset(
         mixture_or_task_name=task_name,
-        task_feature_lengths={"targets": sequence_length},
+        task_feature_lengths=_feature_lengths(task, sequence_length, inputs_length),
         dataset_split=split,
         shuffle=shuffle,
         num_epochs=num_epochs,
@@ -115,37 +153,33 @@ def _count(ds: tf.data.Dataset, limit: int) -> int:
     return int(ds.take(limit).reduce(np.int64(0), lambda n, _: n + 1))
 
 
-class LMBatchIterator:
-    """Iterator of global-batch numpy dicts with a resumable position.
+class ResumableBatchIterator:
+    """Base of the resumable iterators: numpy batches of ``_examples()`` with a position.
 
-    ``num_epochs=None`` repeats forever. Batches are full (drop_remainder);
-    resuming (``start_batch=k`` or ``set_state``) rebuilds the pipeline and
-    skips k batches, so it yields exactly batches k, k+1, ... of a fresh
-    iterator (skipping costs time proportional to k).
+    Subclasses set ``self._config`` (a JSON-serializable dict holding at least
+    task_name, split, shard_index, num_shards, batch_size, num_epochs), list in
+    ``state_config_fields`` the keys that must match on ``set_state``, and
+    implement ``_examples()`` (the unbatched tf.data pipeline) and
+    ``_describe_empty()``. Batches are full (drop_remainder); resuming
+    (``start_batch=k`` or ``set_state``) rebuilds the pipeline and skips k
+    batches, so it yields exactly batches k, k+1, ... of a fresh iterator
+    (skipping costs time proportional to k).
     """
 
-    def __init__(self, *, task_name: str, split: str, sequence_length: int, batch_size: int,
-                 shuffle: bool = True, seed: int = 0, num_epochs: int | None = None,
-                 pack: bool = True, shard_index: int = 0, num_shards: int = 1,
-                 start_batch: int = 0):
+    state_config_fields: tuple[str, ...] = ()
+
+    def _start(self, start_batch: int) -> None:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        self._config = dict(
-            task_name=task_name, split=split, seed=int(seed),
-            sequence_length=int(sequence_length), batch_size=int(batch_size),
-            shuffle=bool(shuffle), num_epochs=None if num_epochs is None else int(num_epochs),
-            pack=bool(pack), shard_index=int(shard_index), num_shards=int(num_shards))
-        _validate(task_name, split, sequence_length, batch_size, num_epochs,
-                  shard_index, num_shards)
         self._batches_consumed = int(start_batch)
         self._reset()
 
     def _examples(self) -> tf.data.Dataset:
-        c = self._config
-        return build_dataset(
-            task_name=c["task_name"], split=c["split"], sequence_length=c["sequence_length"],
-            shuffle=c["shuffle"], seed=c["seed"], num_epochs=c["num_epochs"], pack=c["pack"],
-            shard_index=c["shard_index"], num_shards=c["num_shards"])
+        raise NotImplementedError
+
+    def _describe_empty(self, where: str) -> str:
+        """The error for a split that yields no examples at all."""
+        raise NotImplementedError
 
     def _reset(self) -> None:
         ds = self._examples().batch(self._config["batch_size"], drop_remainder=True)
@@ -156,7 +190,7 @@ class LMBatchIterator:
     def batches_consumed(self) -> int:
         return self._batches_consumed
 
-    def __iter__(self) -> "LMBatchIterator":
+    def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -176,10 +210,7 @@ class LMBatchIterator:
         n = _count(self._examples(), c["batch_size"])
         where = _describe(c["task_name"], c["split"], c["shard_index"], c["num_shards"])
         if n == 0:
-            raise ValueError(
-                f"The dataset is empty: {where} yields no examples. Fix: point the split at "
-                "a text file with at least one non-blank line (register_text_lm_task), "
-                "or use fewer shards.")
+            raise ValueError(self._describe_empty(where))
         if n < c["batch_size"]:
             raise ValueError(
                 f"The finite dataset ({where}, num_epochs={c['num_epochs']}) has only {n} "
@@ -188,7 +219,7 @@ class LMBatchIterator:
                 "the last batch.")
 
     def get_state(self) -> dict[str, Any]:
-        """JSON-serializable position + config (see ``STATE_CONFIG_FIELDS``)."""
+        """JSON-serializable position + config (see ``state_config_fields``)."""
         return dict(self._config, batches_consumed=self._batches_consumed)
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -197,8 +228,13 @@ class LMBatchIterator:
         Raises ValueError naming each field whose saved value differs from this
         iterator's config (the data stream would not be the same).
         """
-        diffs = [f"{k!r}: saved={state.get(k, '<missing>')!r}, current={self._config[k]!r}"
-                 for k in STATE_CONFIG_FIELDS if state.get(k, object()) != self._config[k]]
+        missing = object()
+        diffs = []
+        for k in self.state_config_fields:
+            saved = state.get(k, _STATE_FIELD_DEFAULTS.get(k, missing))
+            if saved is missing or saved != self._config[k]:
+                shown = "<missing>" if saved is missing else repr(saved)
+                diffs.append(f"{k!r}: saved={shown}, current={self._config[k]!r}")
         if diffs:
             raise ValueError("Data iterator state does not match this iterator's config; "
                              "differing fields: " + "; ".join(diffs))
@@ -207,6 +243,40 @@ class LMBatchIterator:
             raise ValueError(f"batches_consumed must be >= 0, got {consumed}")
         self._batches_consumed = consumed
         self._reset()
+
+
+class LMBatchIterator(ResumableBatchIterator):
+    """Iterator of global-batch numpy dicts (``MODEL_FEATURE_KEYS``) with a resumable position.
+
+    ``num_epochs=None`` repeats forever. ``inputs_length`` is the prompt part of
+    ``sequence_length`` for prefix-LM tasks (required there, rejected for plain
+    LM). See ``ResumableBatchIterator`` for resuming.
+    """
+
+    state_config_fields = STATE_CONFIG_FIELDS
+
+    def __init__(self, *, task_name: str, split: str, sequence_length: int, batch_size: int,
+                 shuffle: bool = True, seed: int = 0, num_epochs: int | None = None,
+                 pack: bool = True, shard_index: int = 0, num_shards: int = 1,
+                 start_batch: int = 0, inputs_length: int | None = None):
+        self._config = dict(
+            task_name=task_name, split=split, seed=int(seed),
+            sequence_length=int(sequence_length), batch_size=int(batch_size),
+            shuffle=bool(shuffle), num_epochs=None if num_epochs is None else int(num_epochs),
+            pack=bool(pack), shard_index=int(shard_index), num_shards=int(num_shards),
+            inputs_length=None if inputs_length is None else int(inputs_length))
+        task = _validate(task_name, split, sequence_length, batch_size, num_epochs,
+                         shard_index, num_shards)
+        _feature_lengths(task, sequence_length, inputs_length)
+        self._start(start_batch)
+
+    def _examples(self) -> tf.data.Dataset:
+        return build_dataset(**{k: v for k, v in self._config.items() if k != "batch_size"})
+
+    def _describe_empty(self, where: str) -> str:
+        return (f"The dataset is empty: {where} yields no examples. Fix: point the split at "
+                "a text file with at least one non-blank line (register_text_lm_task), "
+                "or use fewer shards.")
 
 
 def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
@@ -220,7 +290,8 @@ def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
 
 def eval_batches(*, task_name: str, split: str, sequence_length: int, batch_size: int,
                  max_batches: int | None = None, pack: bool = True, shard_index: int = 0,
-                 num_shards: int = 1) -> list[dict[str, np.ndarray]]:
+                 num_shards: int = 1, inputs_length: int | None = None
+                 ) -> list[dict[str, np.ndarray]]:
     """One deterministic pass (no shuffle, one epoch) as a list of full-size batches.
 
     Nothing is dropped: the last partial batch is padded with zero rows whose
@@ -230,7 +301,8 @@ def eval_batches(*, task_name: str, split: str, sequence_length: int, batch_size
     _validate(task_name, split, sequence_length, batch_size, 1, shard_index, num_shards)
     ds = build_dataset(task_name=task_name, split=split, sequence_length=sequence_length,
                        shuffle=False, seed=0, num_epochs=1, pack=pack,
-                       shard_index=shard_index, num_shards=num_shards)
+                       shard_index=shard_index, num_shards=num_shards,
+                       inputs_length=inputs_length)
     ds = ds.batch(batch_size, drop_remainder=False)
     if max_batches is not None:
         ds = ds.take(max_batches)
