@@ -110,7 +110,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, return_hidden: bool = False,
                cache=None, cache_info: CacheInfo | None = None,
-               last_logits_only: bool = False):
+               last_logits_only: bool = False, hidden_only: bool = False):
     """Forward pass.
 
     Args:
@@ -147,12 +147,20 @@ class Transformer(nn.Module):
     if last_logits_only:
       x = x[:, -1:]
     hidden = self.final_norm(x)
-    logits = soft_cap(self.embedder.decode(hidden), self.config.final_logit_soft_cap)
-    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    out = (logits, hidden) if return_hidden else (logits,)
+    if hidden_only:
+      out = (hidden,)
+    else:
+      logits = self.hidden_to_logits(hidden)
+      out = (logits, hidden) if return_hidden else (logits,)
     if cache is not None:
       out += (new_cache,)
     return out if len(out) > 1 else out[0]
+
+  def hidden_to_logits(self, hidden: Array) -> Array:
+    """Final-normed hidden states [..., d] -> soft-capped logits [..., vocab]
+    (tied unembedding). Use with model.apply(..., method="hidden_to_logits")."""
+    logits = soft_cap(self.embedder.decode(hidden), self.config.final_logit_soft_cap)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
