@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import seqio
 
+from posttrain_jax.data import prompts as _prompts  # noqa: F401  (registers "pydoc_prompts")
 from posttrain_jax.data.pipeline import (MODEL_FEATURE_KEYS, LMBatchIterator, build_dataset,
                                         eval_batches)
 from posttrain_jax.data.tasks import register_text_lm_task
@@ -219,3 +220,80 @@ def test_eval_batches_cover_everything_deterministically():
     assert rows == n
     assert all(v.shape == (16, 64) for b in batches for v in b.values())
     _assert_batches_equal(eval_batches(**kw, max_batches=2), batches[:2])
+
+
+# Prefix-LM tasks ("inputs" prompt + "targets" response): pydoc_prompts splits each
+# document into a prefix (inputs) and the rest + EOS (targets).
+PREFIX = dict(task_name="pydoc_prompts", split="validation", sequence_length=40,
+              inputs_length=12, batch_size=4, shuffle=False, num_epochs=1)
+
+
+def _prompt_task_examples(inputs_length, targets_length):
+    ds = seqio.get_mixture_or_task("pydoc_prompts").get_dataset(
+        None, split="validation", shuffle=False)
+    return [(ex["inputs"][:inputs_length].tolist(), ex["targets"][:targets_length].tolist())
+            for ex in ds.take(8).as_numpy_iterator()]
+
+
+def test_prefix_lm_unpacked_weights_only_the_response():
+    batches = _take(LMBatchIterator(**PREFIX, pack=False), 2)
+    expected = _prompt_task_examples(12, 28)
+    for r, (inputs, targets) in enumerate(expected):
+        b = batches[r // 4]
+        row = r % 4
+        tgt, inp = b["decoder_target_tokens"][row], b["decoder_input_tokens"][row]
+        w = b["decoder_loss_weights"][row]
+        n_i, n = len(inputs), len(inputs) + len(targets)
+        np.testing.assert_array_equal(tgt[:n], inputs + targets)
+        assert not tgt[n:].any()
+        np.testing.assert_array_equal(w, np.r_[np.zeros(n_i), np.ones(len(targets)),
+                                               np.zeros(40 - n)])
+        np.testing.assert_array_equal(inp, np.r_[0, tgt[:-1]])  # shifted right by one
+        np.testing.assert_array_equal(b["decoder_segment_ids"][row], (tgt != 0).astype(int))
+        np.testing.assert_array_equal(b["decoder_positions"][row], np.arange(40))
+    assert sorted(batches[0]) == sorted(MODEL_FEATURE_KEYS)  # no decoder_causal_attention
+
+
+def test_prefix_lm_packed_segments_keep_prompt_and_response():
+    (batch,) = eval_batches(**{k: v for k, v in PREFIX.items()
+                               if k not in ("shuffle", "num_epochs")},
+                            pack=True, max_batches=1)
+    assert sorted(batch) == sorted(MODEL_FEATURE_KEYS)
+    expected = _prompt_task_examples(12, 28)
+    seen = []
+    for r in range(4):
+        seg, pos = batch["decoder_segment_ids"][r], batch["decoder_positions"][r]
+        tgt, inp = batch["decoder_target_tokens"][r], batch["decoder_input_tokens"][r]
+        w = batch["decoder_loss_weights"][r]
+        for s in range(1, seg.max() + 1):
+            idx = np.flatnonzero(seg == s)
+            np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
+            assert inp[idx[0]] == 0
+            np.testing.assert_array_equal(inp[idx[1:]], tgt[idx[:-1]])
+            seen.append((tgt[idx].tolist(), w[idx].tolist()))
+    for inputs, targets in expected[:len(seen)]:
+        assert (inputs + targets, [0.0] * len(inputs) + [1.0] * len(targets)) in seen
+
+
+def test_prefix_lm_needs_inputs_length_and_plain_lm_rejects_it():
+    kw = {k: v for k, v in PREFIX.items() if k != "inputs_length"}
+    with pytest.raises(ValueError, match="prefix-LM.*needs inputs_length.*Fix"):
+        LMBatchIterator(**kw)
+    with pytest.raises(ValueError, match="inputs_length must be in"):
+        LMBatchIterator(**dict(kw, inputs_length=40))
+    with pytest.raises(ValueError, match="no \"inputs\" feature.*drop inputs_length"):
+        LMBatchIterator(**dict(CFG, inputs_length=8))
+
+
+def test_prefix_lm_resume_and_old_states():
+    kw = dict(PREFIX, num_epochs=None, shuffle=True)
+    fresh = _take(LMBatchIterator(**kw), 3)
+    it = LMBatchIterator(**kw)
+    _take(it, 2)
+    restored = LMBatchIterator(**kw)
+    restored.set_state(json.loads(json.dumps(it.get_state())))
+    _assert_batches_equal(_take(restored, 1), fresh[2:3])
+    # states saved before inputs_length existed still restore plain-LM iterators
+    plain = LMBatchIterator(**dict(CFG, shuffle=False))
+    old_state = {k: v for k, v in plain.get_state().items() if k != "inputs_length"}
+    plain.set_state(old_state)
