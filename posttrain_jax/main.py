@@ -23,6 +23,7 @@ import gin  # pylint: disable=g-import-not-at-top
 from posttrain_jax import cli
 from posttrain_jax import distributed
 from posttrain_jax.data.dataset_config import DatasetConfig
+from posttrain_jax.distill import PromptConfig
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.nonfinite_guard import NonFiniteError
 from posttrain_jax.optimizer import OptimizerConfig
@@ -32,6 +33,7 @@ from posttrain_jax.streaming_diloco import DiLoCoConfig
 # plain arguments plus `operative_config` and is registered under the job name.
 JOBS = {
     "train": "posttrain_jax.train:train",
+    "distill": "posttrain_jax.distill:distill",
 }
 
 
@@ -54,6 +56,7 @@ def register_configurables():
   cli.register(OptimizerConfig)
   cli.register(DiLoCoConfig)
   cli.register(job)
+  cli.register(PromptConfig)
   for name, spec in JOBS.items():
     cli.register(_job_function(spec), name=name)
   register_configurables.done = True
