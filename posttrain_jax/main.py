@@ -57,6 +57,10 @@ def register_configurables():
   cli.register(OptimizerConfig)
   cli.register(DiLoCoConfig)
   cli.register(job)
+  cli.register(importlib.import_module("posttrain_jax.data.generated").register_generated_task,
+               name="generated_task")
+  cli.register(importlib.import_module("posttrain_jax.data.generated").register_tfds_text_task,
+               name="tfds_text_task")
   cli.register(PromptConfig)
   for name, spec in JOBS.items():
     cli.register(_job_function(spec), name=name)

@@ -10,8 +10,9 @@ Each record is ``{"prompt": int32[], "response": int32[], "prompt_index": int64,
 "sample_index": int64}`` plus, when the records carry them, ``"prompt_text"``
 and ``"response_text"`` strings. Files are tfrecord: the installed tfds cannot
 read array_record through tf.data (``make_tf_data`` raises NotImplementedError),
-and seqio reads through tf.data. Example order on disk is the written order
-(tfds shuffling disabled).
+and seqio reads through tf.data. tfds stores examples in a fixed order hashed
+from their keys (not the written order: an ordered dataset would refuse the
+file shuffling seqio asks for when training shuffles).
 
 ``register_generated_task`` reads such a dataset through ``seqio.TfdsDataSource``
 (the path users take for real TFDS datasets) by name, version and data_dir, so
@@ -80,7 +81,7 @@ def _builder_class():
         features.update({k: tfds.features.Text() for k in TEXT_FIELDS})
       return tfds.core.DatasetInfo(
           builder=self, description=self.builder_config.description,
-          features=tfds.features.FeaturesDict(features), disable_shuffling=True)
+          features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -177,11 +178,13 @@ def write_generated_dataset(records, *, data_dir: str | os.PathLike, name: str,
 
 def read_generated_dataset(*, data_dir: str | os.PathLike, name: str,
                            split: str = "train") -> list[dict]:
-  """All records of a split as numpy dicts, in written order (small datasets, tests)."""
+  """All records of a split as numpy dicts sorted by (prompt_index, sample_index)
+  (small datasets, tests)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _require_exists(data_dir, name)
   builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
-  return list(builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator())
+  records = builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator()
+  return sorted(records, key=lambda r: (int(r["prompt_index"]), int(r["sample_index"])))
 
 
 def _require_exists(data_dir, name) -> None:
