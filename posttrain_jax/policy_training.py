@@ -45,6 +45,7 @@ from posttrain_jax import params_checkpoint, partitioning
 from posttrain_jax import policy_gradient as pg
 from posttrain_jax import rewards as rewards_lib
 from posttrain_jax.checkpointing import Checkpointer
+from posttrain_jax.distill import PromptConfig
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig
@@ -128,6 +129,19 @@ def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta:
                      anchor), metrics
 
 
+def eval_metrics(model, params, sft_params, batch) -> dict[str, jax.Array]:
+  """reward, kl_sft (MC), entropy and response_length of sampled responses."""
+  tokens, mask = batch["tokens"], batch["mask"]
+  logits = _forward(model, params, batch)
+  tok_lp = pg.token_logprobs(logits, tokens, mask)
+  entropy_sum, num_tokens = pg.token_entropy_sums(logits, mask)
+  tok_lp_sft = pg.token_logprobs(_forward(model, sft_params, batch), tokens, mask)
+  return {"reward": jnp.mean(batch["rewards"].astype(jnp.float32)),
+          "kl_sft": mc_sequence_kl(tok_lp, tok_lp_sft, mask)["kl"],
+          "entropy": entropy_sum / jnp.maximum(num_tokens, 1.0),
+          "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1))}
+
+
 class PolicyTrainer:
   """Jitted, partitioned RL step: params/opt state/anchor sharded like Trainer's."""
 
@@ -173,6 +187,9 @@ class PolicyTrainer:
                           num_microbatches=num_microbatches),
         in_shardings=(self.state_shardings, self.param_shardings, batch_shardings),
         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._eval = jax.jit(functools.partial(eval_metrics, self.model),
+                         in_shardings=(self.param_shardings, self.param_shardings,
+                                       batch_shardings), out_shardings=replicated)
     copy = lambda t: jax.tree.map(lambda x: x * 1, t)
     self._fresh = jax.jit(
         lambda p: PolicyState(jnp.zeros((), jnp.int32), copy(p), tx.init(p),
@@ -188,6 +205,11 @@ class PolicyTrainer:
     batch = {k: jax.device_put(v, self._batch_shardings[k]) for k, v in batch.items()}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._step(state, sft_params, batch)
+
+  def eval_metrics(self, params, sft_params, batch) -> dict[str, jax.Array]:
+    batch = {k: jax.device_put(v, self._batch_shardings[k]) for k, v in batch.items()}
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._eval(params, sft_params, batch)
 
 
 def sample_batch(sample, rewards) -> dict[str, jax.Array]:
@@ -214,77 +236,27 @@ def resolve_reward(reward: str, mesh):
   return lambda s: fn(s.tokens, s.generated_mask)
 
 
-def prompt_iterator(*, task_name: str, split: str, prompt_length: int, batch_size: int,
-                    seed: int, shuffle: bool = True):
-  """Prompts {"prompts" [b, P] left-padded, "prompt_lengths" [b]} with get/set_state.
-
-  Every process reads the same global batch (Sampler takes host prompts as
-  global values). Uses data.prompts.PromptIterator when that module exists,
-  else `CorpusPrefixPrompts` over the shipped corpus.
-  """
-  try:
-    from posttrain_jax.data import prompts  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return CorpusPrefixPrompts(split=split, prompt_length=prompt_length,
-                               batch_size=batch_size, seed=seed, shuffle=shuffle)
-  return prompts.PromptIterator(task_name=task_name, split=split,
-                                prompt_length=prompt_length, batch_size=batch_size,
-                                shuffle=shuffle, seed=seed, num_epochs=None,
-                                shard_index=0, num_shards=1)
+def prompt_iterator(cfg: PromptConfig):
+  """data.prompts.PromptIterator over cfg; every process reads the whole global
+  batch (the Sampler takes host prompts as global values)."""
+  from posttrain_jax.data.prompts import PromptIterator  # TF lives in data/
+  return PromptIterator(task_name=cfg.task_name, split=cfg.split,
+                        prompt_length=cfg.prompt_length, batch_size=cfg.batch_size,
+                        shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=cfg.num_epochs,
+                        shard_index=0, num_shards=1)
 
 
-class CorpusPrefixPrompts:
-  """Stand-in prompt source: the first prompt_length tokens of each corpus line
-  (lines with fewer than prompt_length + 8 tokens dropped), in a seeded order
-  reshuffled every epoch; state = number of prompts consumed."""
-
-  def __init__(self, *, split: str, prompt_length: int, batch_size: int, seed: int = 0,
-               shuffle: bool = True):
-    from posttrain_jax.data import vocab  # pylint: disable=g-import-not-at-top
-    path = os.path.join(os.path.dirname(vocab.DEFAULT_VOCAB_PATH), os.pardir, "corpus",
-                        f"pydoc_{split}.txt")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"No corpus for split {split!r}: {os.path.abspath(path)}")
-    v = vocab.get_vocabulary()
-    with open(path) as f:
-      ids = [v.encode(line.strip()) for line in f if line.strip()]
-    self.prompts = [list(x[:prompt_length]) for x in ids if len(x) >= prompt_length + 8]
-    if not self.prompts:
-      raise ValueError(f"No corpus line of split {split!r} has {prompt_length + 8} tokens.")
-    self.prompt_length, self.batch_size = prompt_length, batch_size
-    self.seed, self.shuffle, self.position = seed, shuffle, 0
-
-  def _order(self, epoch: int) -> np.ndarray:
-    n = len(self.prompts)
-    return (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-            else np.arange(n))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    n = len(self.prompts)
-    rows = []
-    for i in range(self.position, self.position + self.batch_size):
-      rows.append(self.prompts[self._order(i // n)[i % n]])
-    self.position += self.batch_size
-    out = np.zeros((self.batch_size, self.prompt_length), np.int32)
-    lengths = np.array([len(r) for r in rows], np.int32)
-    for i, r in enumerate(rows):
-      out[i, self.prompt_length - len(r):] = r
-    return {"prompts": out, "prompt_lengths": lengths}
-
-  def get_state(self) -> dict:
-    return {"position": self.position}
-
-  def set_state(self, state: dict) -> None:
-    self.position = int(state["position"])
+def load_eval_prompts(cfg: PromptConfig, num_prompts: int) -> list[list[int]]:
+  from posttrain_jax.data.prompts import load_prompts  # TF lives in data/
+  return load_prompts(task_name=cfg.task_name, split=cfg.split,
+                      prompt_length=cfg.prompt_length, num_prompts=num_prompts)
 
 
 @dataclasses.dataclass
 class PolicyResult:
   final_step: int
   metrics: dict[int, dict[str, float]]  # every logged step of this invocation
+  eval_metrics: dict[int, dict[str, float]]
   resumed_from: int | None
   preempted: bool = False
   skipped_steps: int = 0
@@ -292,21 +264,23 @@ class PolicyResult:
 
 
 def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: str,
-                 reward: str, num_steps: int, prompts_per_step: int = 16,
-                 samples_per_prompt: int = 2, prompt_task: str = "pydoc_prompts",
-                 prompt_split: str = "train", prompt_length: int = 32,
-                 max_new_tokens: int = 64, temperature: float = 0.9,
-                 beta: float = 0.1, anchor: str = "ema", ema_rate: float = 0.01,
-                 baseline: str = "leave_one_out", gold_reward: bool = False,
+                 reward: str, num_steps: int, prompts: PromptConfig | None = None,
+                 samples_per_prompt: int = 2, max_new_tokens: int = 64,
+                 temperature: float = 0.9, beta: float = 0.1, anchor: str = "ema",
+                 ema_rate: float = 0.01, baseline: str = "leave_one_out",
+                 gold_reward: bool = False,
                  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6,
                                                               warmup_steps=100),
+                 eval_prompts: PromptConfig | None = None, num_eval_prompts: int = 64,
+                 eval_every: int = 0,
                  ici_parallelism: Mapping[str, int] | None = None,
                  dcn_parallelism: Mapping[str, int] | None = None,
                  num_microbatches: int = 1, seed: int = 0, checkpoint_every: int = 100,
                  keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
                  log_every: int = 10, eos_id: int | None = 1,
                  nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
-                 operative_config: str | None = None, prompt_source=None) -> PolicyResult:
+                 operative_config: str | None = None, prompt_source=None,
+                 eval_prompt_list: list[list[int]] | None = None) -> PolicyResult:
   """KL-regularised REINFORCE from an SFT model for `num_steps` steps.
 
   Args:
@@ -317,35 +291,49 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     reward: a registered reward name (`rewards.names()`, e.g. "gold") or a
       reward model directory (`reward_model.save_reward_model`).
     num_steps: total RL steps (a resumed run counts from its checkpoint).
-    prompts_per_step / samples_per_prompt: batch = their product sequences.
-    prompt_task / prompt_split / prompt_length: where prompts come from.
+    prompts: the training prompts (PromptConfig; batch_size = prompts per step);
+      each is sampled samples_per_prompt times, so a step has
+      batch_size * samples_per_prompt sequences.
     max_new_tokens / temperature / eos_id: sampling (WARP: temperature 0.9).
     beta: KL coefficient of r_beta = r - beta (log pi - log pi_anchor).
     anchor: "ema" (WARP) or "sft"; ema_rate: mu of the EMA (0.01 in WARP).
     baseline: "leave_one_out" (needs samples_per_prompt >= 2), "mean", "none".
-    gold_reward: also report the gold reward of every batch.
+    gold_reward: also report the gold reward (training batches and eval).
     optimizer: Adam(W) settings (WARP: lr 1e-6, warmup 100).
-    prompt_source: optional iterator replacing the prompt task (tests).
+    eval_prompts / num_eval_prompts / eval_every: held-out prompts (the first
+      num_eval_prompts of eval_prompts, one sample each, fixed rng) scored every
+      eval_every steps and at the end: eval/reward, eval/gold_reward,
+      eval/kl_sft, eval/entropy, eval/response_length.
+    prompt_source / eval_prompt_list: replace the prompt tasks (tests): an
+      iterator like data.prompts.PromptIterator, and token-id prompts.
   """
   if not initial_checkpoint:
     raise ValueError("train_policy needs initial_checkpoint: the SFT model directory "
                      "(policy init and KL reference); set train_policy.initial_checkpoint.")
   if not os.path.exists(initial_checkpoint):
     raise FileNotFoundError(f"initial_checkpoint {initial_checkpoint} does not exist.")
-  if num_steps < 1 or prompts_per_step < 1:
-    raise ValueError(f"num_steps ({num_steps}) and prompts_per_step ({prompts_per_step}) "
-                     "must be >= 1.")
+  if prompts is None and prompt_source is None:
+    raise ValueError("train_policy needs prompts: set train_policy.prompts = "
+                     "@train_prompts/PromptConfig() (see gin/experiments/rl/reinforce.gin).")
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   pg.check_baseline(baseline, samples_per_prompt)
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   score = resolve_reward(reward, mesh)
   gold = rewards_lib.get("gold") if gold_reward else None
-  batch_size = prompts_per_step * samples_per_prompt
-  shards = np.prod([mesh.shape[a] for a in ("replica", "data", "fsdp")])
+  data = prompt_source or prompt_iterator(prompts)
+  shards = int(np.prod([mesh.shape[a] for a in ("replica", "data", "fsdp")]))
+  batch_size = (prompts.batch_size if prompts else data.batch_size) * samples_per_prompt
   if batch_size % shards:
-    raise ValueError(f"prompts_per_step * samples_per_prompt = {batch_size} sequences is "
+    raise ValueError(f"prompts.batch_size * samples_per_prompt = {batch_size} sequences is "
                      f"not divisible by the mesh's {shards} batch shards; change them or "
                      "ici_parallelism.")
+  eval_list = eval_prompt_list or (load_eval_prompts(eval_prompts, num_eval_prompts)
+                                   if eval_prompts is not None else None)
+  if eval_list is not None and len(eval_list) % shards:
+    raise ValueError(f"num_eval_prompts = {len(eval_list)} is not divisible by the mesh's "
+                     f"{shards} batch shards.")
   os.makedirs(run_dir, exist_ok=True)
   if operative_config and jax.process_index() == 0:
     with open(os.path.join(run_dir, "config.gin"), "w") as f:
@@ -360,9 +348,6 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                     mesh)
   sft_params = params_checkpoint.restore_params(initial_checkpoint, trainer.abstract_params,
                                                 model_config)
-  data = prompt_source or prompt_iterator(task_name=prompt_task, split=prompt_split,
-                                          prompt_length=prompt_length,
-                                          batch_size=prompts_per_step, seed=seed)
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every, max_to_keep=keep_checkpoints,
                               async_save=async_checkpointing)
@@ -381,14 +366,25 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   if operative_config:
     reporter.write_text(start, "config", operative_config)
   reporter.print(f"{origin} | anchor {anchor} (mu {ema_rate}) | beta {beta} | reward "
-                 f"{reward} | {prompts_per_step}x{samples_per_prompt} samples/step | mesh "
-                 f"{dict(mesh.shape)} | run_dir {run_dir}")
+                 f"{reward} | {batch_size // samples_per_prompt}x{samples_per_prompt} "
+                 f"samples/step | mesh {dict(mesh.shape)} | run_dir {run_dir}")
   if start >= num_steps:
     reporter.print(f"run already complete at step {start} (num_steps={num_steps})")
+  base_rng = jax.random.key(seed)
+
+  def evaluate(step):
+    sample = sampler(state.params, eval_list, jax.random.fold_in(base_rng, 0))
+    metrics = trainer.eval_metrics(state.params, sft_params, sample_batch(sample, score(sample)))
+    if gold is not None:
+      metrics["gold_reward"] = jnp.mean(gold(sample.tokens, sample.generated_mask))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    reporter.write_eval(step, metrics)
+    return metrics
+
   history: dict[int, dict[str, float]] = {}
+  eval_history: dict[int, dict[str, float]] = {}
   watcher = PreemptionWatcher()
   preempted, step, last = False, start, None
-  base_rng = jax.random.key(seed)
   try:
     for step in range(start + 1, num_steps + 1):
       if watcher.should_stop(step - 1):
@@ -397,8 +393,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       batch = next(data)
       rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
       lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
-      prompts = [list(r[len(r) - n:]) for r, n in zip(rows.tolist(), lengths.tolist())]
-      sample = sampler(state.params, prompts, jax.random.fold_in(base_rng, step),
+      prompt_list = [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())]
+      sample = sampler(state.params, prompt_list, jax.random.fold_in(base_rng, step),
                        prompt_length=rows.shape[1])
       state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
       if gold is not None:
@@ -410,6 +406,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       if step % log_every == 0 or step == num_steps:
         history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
       checkpointer.save(step, state, {"prompts": data.get_state()}, force=step == num_steps)
+      if eval_list and ((eval_every and step % eval_every == 0) or step == num_steps):
+        eval_history[step] = evaluate(step)
     if last is not None and not preempted:
       guard.observe(last[0], bool(last[1]))
     if preempted:
@@ -423,5 +421,6 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     reporter.close()
     checkpointer.close()
   return PolicyResult(final_step=step if preempted else max(start, num_steps),
-                      metrics=history, resumed_from=resumed_from, preempted=preempted,
+                      metrics=history, eval_metrics=eval_history,
+                      resumed_from=resumed_from, preempted=preempted,
                       skipped_steps=guard.skipped, state=state)

@@ -64,7 +64,7 @@ def nn_unbox(tree):
 
 
 def run(run_dir, sft_dir, num_steps, **kw):
-  kw = {"reward": "test_low_ids", "prompts_per_step": 4, "samples_per_prompt": 2,
+  kw = {"reward": "test_low_ids", "samples_per_prompt": 2,
         "max_new_tokens": 6, "temperature": 1.0, "beta": 0.1, "ema_rate": 0.5,
         "optimizer": OPT, "log_every": 1, "checkpoint_every": 2,
         "async_checkpointing": False, "prompt_source": FixedPrompts(), **kw}
@@ -83,11 +83,18 @@ def sft_leaves(path):
 
 @pytest.mark.parametrize("ici,ema_rate", [({"data": -1}, 0.0), ({"data": 2, "fsdp": 4}, 1.0)])
 def test_rl_steps_on_8_devices(tmp_path, sft_dir, ici, ema_rate):
-  result = run(tmp_path / "run", sft_dir, 3, ici_parallelism=ici, ema_rate=ema_rate)
+  evals = [[3 + i, 10 + i] for i in range(8)]
+  result = run(tmp_path / "run", sft_dir, 3, ici_parallelism=ici, ema_rate=ema_rate,
+               gold_reward=True, eval_prompt_list=evals, eval_every=2)
   assert result.final_step == 3 and sorted(result.metrics) == [1, 2, 3]
+  assert sorted(result.eval_metrics) == [2, 3]
+  for m in result.eval_metrics.values():
+    assert set(m) == {"reward", "gold_reward", "kl_sft", "entropy", "response_length"}
+    assert all(np.isfinite(v) for v in m.values())
+    assert 0.0 <= m["gold_reward"] < 1.0
   for m in result.metrics.values():
     for key in ("reward", "kl_sft", "kl_anchor", "entropy", "response_length", "loss",
-                "grad_norm", "learning_rate", "shaped_reward"):
+                "grad_norm", "learning_rate", "shaped_reward", "gold_reward"):
       assert np.isfinite(m[key]), key
     assert m["nonfinite"] == 0.0 and 1.0 <= m["response_length"] <= 6.0
   first = result.metrics[1]
@@ -139,4 +146,6 @@ def test_bad_input(tmp_path, sft_dir):
   with pytest.raises(ValueError, match="Unknown anchor"):
     run(tmp_path / "e", sft_dir, 1, anchor="reference")
   with pytest.raises(ValueError, match="not divisible by the mesh's 8 batch shards"):
-    run(tmp_path / "f", sft_dir, 1, prompts_per_step=3)
+    run(tmp_path / "f", sft_dir, 1, prompt_source=FixedPrompts(batch_size=3))
+  with pytest.raises(ValueError, match="needs prompts"):
+    run(tmp_path / "g", sft_dir, 1, prompt_source=None)
