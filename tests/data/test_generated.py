@@ -189,3 +189,32 @@ def test_shuffled_training_reads_every_record(dataset):
   rows = sorted(b["decoder_target_tokens"][i][b["decoder_loss_weights"][i] > 0].tolist()
                 for b in it for i in range(3))
   assert rows == sorted(r["response"] for r in records)
+
+
+@pytest.mark.parametrize("gin_file,bindings,task,inputs_length,features", [
+    ("data/xsum.gin", ["TFDS_DATA_DIR='/nonexistent'"], "xsum", 768, ["inputs", "targets"]),
+    ("data/c4.gin", ["TFDS_DATA_DIR='/nonexistent'"], "c4_en", None, ["targets"]),
+    ("data/generated.gin", ["GENERATED_NAME='toy'", "INPUTS_LENGTH=6"], "generated", 6,
+     ["inputs", "targets"]),
+])
+def test_data_gin_files_register_their_tasks(dataset, gin_file, bindings, task, inputs_length,
+                                             features):
+  import gin
+  from posttrain_jax import cli, main
+  main.register_configurables()
+  bindings = bindings + [f"GENERATED_DATA_DIR='{dataset[0]}'"] * ("GENERATED" in bindings[0])
+  gin_dir = os.path.join(REPO, "gin")
+  argv = [f"--gin_file={gin_dir}/models/gemma2_tiny.gin", f"--gin_file={gin_dir}/runs/train.gin",
+          f"--gin_file={gin_dir}/{gin_file}", "--gin.RUN_DIR='/tmp/unused'",
+          "--gin.SEQUENCE_LENGTH=1024", "--gin.BATCH_SIZE=8", "--gin.NUM_STEPS=1"]
+  gin.clear_config()
+  try:
+    cli.configure(cli.parse_flags(argv + [f"--gin.{b}" for b in bindings]))
+    with gin.config_scope("train_data"):
+      cfg = gin.get_configurable("posttrain_jax.DatasetConfig")()
+  finally:
+    gin.clear_config()
+  assert (cfg.task_name, cfg.inputs_length) == (task, inputs_length)
+  source = seqio.get_mixture_or_task(task)
+  assert sorted(source.output_features) == features
+  assert isinstance(source.source, seqio.TfdsDataSource)
