@@ -33,6 +33,7 @@ from posttrain_jax.streaming_diloco import DiLoCoConfig
 # plain arguments plus `operative_config` and is registered under the job name.
 JOBS = {
     "train": "posttrain_jax.train:train",
+    "train_reward_model": "posttrain_jax.reward_training:train_reward_model",
     "train_policy": "posttrain_jax.policy_training:train_policy",
     "distill": "posttrain_jax.distill:distill",
 }
