@@ -149,3 +149,16 @@ def test_bad_input(tmp_path, sft_dir):
     run(tmp_path / "f", sft_dir, 1, prompt_source=FixedPrompts(batch_size=3))
   with pytest.raises(ValueError, match="needs prompts"):
     run(tmp_path / "g", sft_dir, 1, prompt_source=None)
+
+
+def test_reward_model_directory_as_reward(tmp_path, sft_dir):
+  from posttrain_jax import reward_model  # pylint: disable=g-import-not-at-top
+  params = nn_unbox(reward_model.init_boxed(reward_model.RewardModel(CFG), jax.random.key(1)))
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
+  rm_dir = str(tmp_path / "rm")
+  reward_model.save_reward_model(rm_dir, params, CFG)
+  result = run(tmp_path / "run", sft_dir, 1, reward=rm_dir, anchor="sft")
+  m = result.metrics[1]
+  assert np.isfinite(m["reward"]) and m["reward"] != 0.0 and np.isfinite(m["loss"])
+  with pytest.raises(ValueError, match="not a reward model directory"):
+    run(tmp_path / "run2", sft_dir, 1, reward=sft_dir)
