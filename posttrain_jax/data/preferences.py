@@ -294,3 +294,42 @@ def pairs_to_batch(records: Sequence[Mapping[str, Any]], sequence_length: int
             out[f"{side}_segment_ids"][i, :n] = 1
             out[f"{side}_response_mask"][i, max(0, n - len(r[side])):n] = 1
     return out
+
+
+def flip_mask(num_pairs: int, fraction: float, seed: int) -> np.ndarray:
+    """Exactly round(fraction * num_pairs) True entries at seeded random positions."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {fraction}.")
+    mask = np.zeros((num_pairs,), bool)
+    count = int(round(fraction * num_pairs))
+    mask[np.random.default_rng(seed).permutation(num_pairs)[:count]] = True
+    return mask
+
+
+def label_pairs(prompts: Sequence[Sequence[int]], responses_a: Sequence[Sequence[int]],
+                responses_b: Sequence[Sequence[int]], gold_a: Sequence[float],
+                gold_b: Sequence[float], *, label_noise: float = 0.0, seed: int = 0
+                ) -> tuple[list[dict[str, Any]], int]:
+    """Preference records labelled by a gold reward, with a fraction of flipped labels.
+
+    chosen is the response with the higher gold reward; pairs with equal gold
+    rewards or an empty response are dropped (returned: how many). Then
+    exactly round(label_noise * kept) labels are swapped at seeded positions
+    (``flip_mask``); each record keeps "flipped", "gold_chosen" and
+    "gold_rejected" (of its labelled chosen/rejected side).
+    """
+    kept = []
+    for p, a, b, ga, gb in zip(prompts, responses_a, responses_b, gold_a, gold_b):
+        if float(ga) == float(gb) or not len(a) or not len(b):
+            continue
+        chosen, rejected = ((a, ga), (b, gb)) if ga > gb else ((b, gb), (a, ga))
+        kept.append((list(map(int, p)), chosen, rejected))
+    flips = flip_mask(len(kept), label_noise, seed)
+    records = []
+    for (p, chosen, rejected), flip in zip(kept, flips):
+        if flip:
+            chosen, rejected = rejected, chosen
+        records.append({"prompt": p, "chosen": list(map(int, chosen[0])),
+                        "rejected": list(map(int, rejected[0])), "flipped": bool(flip),
+                        "gold_chosen": float(chosen[1]), "gold_rejected": float(rejected[1])})
+    return records, len(prompts) - len(kept)

@@ -88,3 +88,26 @@ def test_bad_files_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="No preference task 'missing'"):
         prefs.PreferenceBatchIterator(task_name="missing", split="train",
                                       sequence_length=8, batch_size=2)
+
+
+def test_label_noise_flips_exactly_the_requested_fraction():
+    rng = np.random.default_rng(0)
+    n = 200
+    prompts = [[3, 4]] * n
+    a = [[5 + i % 7] for i in range(n)]
+    b = [[9, 10 + i % 5] for i in range(n)]
+    ga, gb = rng.uniform(size=n), rng.uniform(size=n)
+    ga[:10] = gb[:10]  # ties are dropped
+    for noise in (0.0, 0.25, 0.5, 1.0):
+        records, ties = prefs.label_pairs(prompts, a, b, ga, gb, label_noise=noise, seed=3)
+        assert ties == 10 and len(records) == 190
+        flipped = [r["flipped"] for r in records]
+        assert sum(flipped) == round(noise * 190)
+        for r in records:  # flipped <=> the labelled chosen has the lower gold reward
+            assert (r["gold_chosen"] < r["gold_rejected"]) == r["flipped"]
+    again, _ = prefs.label_pairs(prompts, a, b, ga, gb, label_noise=0.25, seed=3)
+    other, _ = prefs.label_pairs(prompts, a, b, ga, gb, label_noise=0.25, seed=4)
+    assert again == prefs.label_pairs(prompts, a, b, ga, gb, label_noise=0.25, seed=3)[0]
+    assert [r["flipped"] for r in again] != [r["flipped"] for r in other]
+    with pytest.raises(ValueError, match="label_noise"):
+        prefs.flip_mask(10, 1.5, 0)

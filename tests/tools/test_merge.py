@@ -1,0 +1,71 @@
+"""tools/merge.py average: model dirs in, merged model dir out, one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posttrain_jax import merging, params_checkpoint
+from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.reward_model import RewardModel, is_reward_model, save_reward_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = ModelConfig(vocab_size=64, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                  head_dim=8, mlp_dim=32, sliding_window_size=4)
+
+
+def run_tool(*args):
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="")
+  return subprocess.run([sys.executable, os.path.join(REPO, "tools", "merge.py"), *args],
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def rm(seed):
+  p = nn.unbox(RewardModel(CFG).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))[
+      "params"])
+  return jax.tree.map(np.asarray, dict(p, head={"kernel": np.full((16, 1), seed, np.float32)}))
+
+
+def test_average_of_reward_models_and_policies(tmp_path):
+  dirs = [str(tmp_path / f"m{i}") for i in range(3)]
+  for i, d in enumerate(dirs):
+    save_reward_model(d, rm(i), CFG)
+  out = str(tmp_path / "warm")
+  proc = run_tool("average", "--output", out, *dirs, "--weights", "1", "1", "2")
+  assert proc.returncode == 0, proc.stderr
+  assert "weights 0.25, 0.25, 0.5" in proc.stdout and is_reward_model(out)
+  merged = merging.load_models([out])[0].params
+  expected = merging.average([rm(i) for i in range(3)], [0.25, 0.25, 0.5])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), merged, expected)
+  np.testing.assert_allclose(merged["head"]["kernel"], 1.25)
+  # policies merge too, into a policy model dir (M = 1 is the identity)
+  policy = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
+      "params"])
+  params_checkpoint.save(str(tmp_path / "p"), policy, CFG)
+  proc = run_tool("average", "--output", str(tmp_path / "p1"), str(tmp_path / "p"))
+  assert proc.returncode == 0, proc.stderr
+  assert not is_reward_model(str(tmp_path / "p1"))
+  same = params_checkpoint.load_numpy_params(str(tmp_path / "p1"), CFG)
+  jax.tree.map(np.testing.assert_array_equal, same, jax.tree.map(np.asarray, policy))
+
+
+def test_errors_are_one_line(tmp_path):
+  save_reward_model(str(tmp_path / "a"), rm(0), CFG)
+  other = ModelConfig(**{**CFG.__dict__, "num_layers": 4})
+  params = nn.unbox(RewardModel(other).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
+      "params"])
+  save_reward_model(str(tmp_path / "b"), params, other)
+  proc = run_tool("average", "--output", str(tmp_path / "out"), str(tmp_path / "a"),
+                  str(tmp_path / "b"))
+  assert proc.returncode == 2
+  assert "different architectures (num_layers: 2 vs 4)" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = run_tool("average", "--output", str(tmp_path / "a"), str(tmp_path / "a"))
+  assert proc.returncode == 2 and "already holds a checkpoint" in proc.stderr
+  proc = run_tool("average", "--output", str(tmp_path / "o"), str(tmp_path / "a"),
+                  "--weights", "1", "2")
+  assert proc.returncode == 2 and "one weight per model" in proc.stderr
