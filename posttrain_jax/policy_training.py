@@ -89,41 +89,45 @@ def reinforce_objective(model: nn.Module):
   return loss_fn
 
 
+def _response_logprobs(model, params, batch):
+  """Per-token log pi of the responses [b, T], and the entropy sums of pi on them."""
+  logits = _forward(model, params, batch)
+  return (pg.token_logprobs(logits, batch["tokens"], batch["mask"]),
+          pg.token_entropy_sums(logits, batch["mask"]))
+
+
+def _sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums) -> dict[str, jax.Array]:
+  mask = batch["mask"]
+  return {"reward": jnp.mean(batch["rewards"].astype(jnp.float32)),
+          "kl_sft": mc_sequence_kl(tok_lp, tok_lp_sft, mask)["kl"],
+          "entropy": entropy_sums[0] / jnp.maximum(entropy_sums[1], 1.0),
+          "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1))}
+
+
 def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta: float,
             ema_rate: float, baseline: str, samples_per_prompt: int,
             num_microbatches: int = 1):
   """One REINFORCE step on sampled responses; batch: tokens, positions,
   segment_ids, mask [b, T] and rewards [b]. Returns (state, metrics)."""
-  tokens, mask = batch["tokens"], batch["mask"]
-  logits = _forward(model, state.params, batch)
-  tok_lp = pg.token_logprobs(logits, tokens, mask)
-  entropy_sum, num_tokens = pg.token_entropy_sums(logits, mask)
-  del logits
-  tok_lp_sft = pg.token_logprobs(_forward(model, sft_params, batch), tokens, mask)
-  if state.anchor_params is None:
-    tok_lp_anchor = tok_lp_sft
-  else:
-    tok_lp_anchor = pg.token_logprobs(_forward(model, state.anchor_params, batch),
-                                      tokens, mask)
-  logp, logp_anchor = jnp.sum(tok_lp, -1), jnp.sum(tok_lp_anchor, -1)
-  shaped = pg.kl_regularized_reward(batch["rewards"], logp, logp_anchor, beta)
-  adv = pg.advantages(shaped, baseline, samples_per_prompt)
+  tok_lp, entropy_sums = _response_logprobs(model, state.params, batch)
+  tok_lp_sft, _ = _response_logprobs(model, sft_params, batch)
+  tok_lp_anchor = (tok_lp_sft if state.anchor_params is None else
+                   _response_logprobs(model, state.anchor_params, batch)[0])
+  shaped = pg.kl_regularized_reward(batch["rewards"], jnp.sum(tok_lp, -1),
+                                    jnp.sum(tok_lp_anchor, -1), beta)
   loss_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "mask")}
-  loss_batch["advantages"] = adv
+  loss_batch["advantages"] = pg.advantages(shaped, baseline, samples_per_prompt)
   train_state, metrics = optimizer_step(
       state.train_state(), loss_batch, loss_fn=reinforce_objective(model), tx=tx,
       schedule=schedule, num_microbatches=num_microbatches)
   anchor = state.anchor_params
   if anchor is not None:
     anchor = pg.ema_update(anchor, train_state.params, ema_rate)
+  metrics.update(_sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums))
   metrics.update({
-      "reward": jnp.mean(batch["rewards"].astype(jnp.float32)),
       "shaped_reward": jnp.mean(shaped),
-      "kl_sft": mc_sequence_kl(tok_lp, tok_lp_sft, mask)["kl"],
-      "kl_anchor": mc_sequence_kl(tok_lp, tok_lp_anchor, mask)["kl"],
-      "entropy": entropy_sum / jnp.maximum(num_tokens, 1.0),
-      "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1)),
-      "tokens": num_tokens,  # generated tokens: the progress line's tok/s
+      "kl_anchor": mc_sequence_kl(tok_lp, tok_lp_anchor, batch["mask"])["kl"],
+      "tokens": entropy_sums[1],  # generated tokens: the progress line's tok/s
   })
   return PolicyState(train_state.step, train_state.params, train_state.opt_state,
                      anchor), metrics
@@ -131,15 +135,9 @@ def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta:
 
 def eval_metrics(model, params, sft_params, batch) -> dict[str, jax.Array]:
   """reward, kl_sft (MC), entropy and response_length of sampled responses."""
-  tokens, mask = batch["tokens"], batch["mask"]
-  logits = _forward(model, params, batch)
-  tok_lp = pg.token_logprobs(logits, tokens, mask)
-  entropy_sum, num_tokens = pg.token_entropy_sums(logits, mask)
-  tok_lp_sft = pg.token_logprobs(_forward(model, sft_params, batch), tokens, mask)
-  return {"reward": jnp.mean(batch["rewards"].astype(jnp.float32)),
-          "kl_sft": mc_sequence_kl(tok_lp, tok_lp_sft, mask)["kl"],
-          "entropy": entropy_sum / jnp.maximum(num_tokens, 1.0),
-          "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1))}
+  tok_lp, entropy_sums = _response_logprobs(model, params, batch)
+  return _sample_metrics(batch, tok_lp, _response_logprobs(model, sft_params, batch)[0],
+                         entropy_sums)
 
 
 class PolicyTrainer:
