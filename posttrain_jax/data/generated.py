@@ -228,11 +228,11 @@ def register_generated_task(task_name: str, *, name: str, data_dir: str,
   from posttrain_jax.data.vocab import get_vocabulary  # pylint: disable=g-import-not-at-top
   _require_exists(data_dir, name)
   vocab = get_vocabulary(vocab_path)
+  source = seqio.TfdsDataSource(tfds_name=tfds_name(name),
+                                tfds_data_dir=os.path.abspath(data_dir), splits=list(splits))
   _replace_task(
       task_name,
-      source=seqio.TfdsDataSource(tfds_name=tfds_name(name),
-                                  tfds_data_dir=os.path.abspath(data_dir),
-                                  splits=list(splits)),
+      source=source,
       preprocessors=[_rename({"prompt": "inputs", "response": "targets"})],
       output_features={
           "inputs": seqio.Feature(vocabulary=vocab, add_eos=False, dtype=tf.int32),

@@ -54,6 +54,15 @@ def test_existing_dataset_needs_overwrite(tmp_path):
                                     overwrite=True)
   back = generated.read_generated_dataset(data_dir=data_dir, name="d")
   assert [b["prompt"].tolist() for b in back] == [r["prompt"] for r in _records(3, offset=5)]
+  # a task registered again in the same process reads the new version
+  def task_prompts():
+    name = generated.register_generated_task("tmp_rewritten", name="d", data_dir=data_dir)
+    ds = seqio.get_mixture_or_task(name).get_dataset(None, split="train", shuffle=False)
+    return sorted(ex["inputs"].tolist() for ex in ds.as_numpy_iterator())
+  assert task_prompts() == sorted(r["prompt"] for r in _records(3, offset=5))
+  generated.write_generated_dataset(_records(5, offset=9), data_dir=data_dir, name="d",
+                                    overwrite=True)
+  assert task_prompts() == sorted(r["prompt"] for r in _records(5, offset=9))
   assert sorted(os.listdir(os.path.join(data_dir, generated.BUILDER_NAME))) == ["d"]
 
 
