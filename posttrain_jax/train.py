@@ -75,7 +75,7 @@ def _train_iterator(cfg: DatasetConfig):
                          sequence_length=cfg.sequence_length, batch_size=batch,
                          shuffle=cfg.shuffle, seed=cfg.seed, pack=cfg.pack,
                          num_epochs=cfg.num_epochs, shard_index=index,
-                         num_shards=count)
+                         num_shards=count, inputs_length=cfg.inputs_length)
 
 
 def _eval_batches(cfg: DatasetConfig, max_batches: int | None):
@@ -84,7 +84,8 @@ def _eval_batches(cfg: DatasetConfig, max_batches: int | None):
   return list(eval_batches(task_name=cfg.task_name, split=cfg.split,
                            sequence_length=cfg.sequence_length, batch_size=batch,
                            max_batches=max_batches, pack=cfg.pack,
-                           shard_index=index, num_shards=count))
+                           shard_index=index, num_shards=count,
+                           inputs_length=cfg.inputs_length))
 
 
 def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:

@@ -1,0 +1,127 @@
+"""Plots and tabulates the teacher-hacking study (tools/run_teacher_hacking.sh).
+
+  python tools/plot_teacher_hacking.py --root runs/teacher_hacking --out_dir docs/experiments
+
+Reads the eval/proxy_kl and eval/golden_kl scalars (Monte Carlo sequence KL on
+held-out prompts, and their per-token exact variants) and the training loss of
+each distillation run under --root, writes
+
+  teacher_hacking_sources.png    proxy and golden vs step, offline vs online sources
+  teacher_hacking_diversity.png  the same for the prompts x generations ablation
+
+and prints a markdown table: start / minimum / final golden and proxy, the
+step of the golden minimum, and the hacking detector's verdict on the proxy
+and golden curves (posttrain_jax/hacking_detector.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if _TOOLS not in sys.path:
+  sys.path.insert(0, _TOOLS)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+from detect_hacking import read_curve  # also puts the repo root on sys.path
+from posttrain_jax import hacking_detector
+
+SOURCES = ("offline", "online_teacher", "online_student")
+DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")
+LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teacher",
+          "online_student": "online student",
+          "diversity_p256_g2": "offline (256 prompts x 2)",
+          "diversity_p128_g4": "offline (128 prompts x 4)"}
+
+
+def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  out = {}
+  for tag in ("eval/proxy_kl", "eval/golden_kl", "eval/proxy_kl_per_token",
+              "eval/golden_kl_per_token", "loss"):
+    c = read_curve(run_dir, tag)
+    if c is not None:
+      out[tag] = c
+  return out
+
+
+def _detect(steps, values) -> str:
+  keep = steps > 0
+  try:
+    r = hacking_detector.detect_hacking(steps[keep], values[keep])
+  except ValueError as e:
+    return f"n/a ({e})"
+  return f"step {int(r.step)}" if r.flagged else "no"
+
+
+def summary_row(name: str, c) -> str:
+  ps, pv = c["eval/proxy_kl"]
+  gs, gv = c["eval/golden_kl"]
+  i = int(np.argmin(gv))
+  return (f"| {LABELS.get(name, name)} | {pv[0]:.2f} -> {pv[-1]:.2f} (min {pv.min():.2f}) "
+          f"| {gv[0]:.2f} -> {gv[-1]:.2f} | {gv[i]:.2f} at step {int(gs[i])} "
+          f"| {gv[-1] - gv[i]:+.2f} | {_detect(ps, pv)} | {_detect(gs, gv)} |")
+
+
+def plot(runs: dict, names, title: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for name in names:
+    if name not in runs:
+      continue
+    c = runs[name]
+    label = LABELS.get(name, name)
+    for ax, tag in zip(axes[:2], ("eval/proxy_kl", "eval/golden_kl")):
+      s, v = c[tag]
+      ax.plot(s, v, marker=".", label=label)
+    axes[2].plot(c["eval/proxy_kl"][1], c["eval/golden_kl"][1], marker=".", label=label)
+  axes[0].set(title="proxy = KL(teacher || student)", xlabel="step", ylabel="nats / sequence")
+  axes[1].set(title="golden = KL(oracle || student)", xlabel="step", ylabel="nats / sequence")
+  axes[2].set(title="golden vs proxy (time runs right to left)", xlabel="proxy",
+              ylabel="golden")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", default="runs/teacher_hacking")
+  parser.add_argument("--out_dir", default="docs/experiments")
+  args = parser.parse_args(argv)
+  runs = {}
+  for name in dict.fromkeys(SOURCES + DIVERSITY):
+    d = os.path.join(args.root, name)
+    if os.path.isdir(d):
+      c = curves(d)
+      if "eval/proxy_kl" in c and "eval/golden_kl" in c:
+        runs[name] = c
+  if not runs:
+    print(f"plot_teacher_hacking: no distillation runs with proxy/golden metrics under "
+          f"{args.root}", file=sys.stderr)
+    return 2
+  os.makedirs(args.out_dir, exist_ok=True)
+  plot(runs, SOURCES, "Teacher hacking: data sources (CPU scale)",
+       os.path.join(args.out_dir, "teacher_hacking_sources.png"))
+  plot(runs, DIVERSITY, "Teacher hacking: prompts x generations at a fixed budget of 512",
+       os.path.join(args.out_dir, "teacher_hacking_diversity.png"))
+  print("| run | proxy: start -> end (min) | golden: start -> end | golden minimum "
+        "| golden rise after min | detector (proxy) | detector (golden) |")
+  print("|---|---|---|---|---|---|---|")
+  for name in dict.fromkeys(SOURCES + DIVERSITY):
+    if name in runs:
+      print(summary_row(name, runs[name]))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

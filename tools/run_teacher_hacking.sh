@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The teacher-hacking study (Tiapkin et al. 2025, arXiv 2502.02671) at CPU scale,
+# every stage one command; see docs/experiments/teacher_hacking.md.
+#
+#   bash tools/run_teacher_hacking.sh [STAGE ...]
+#
+# Stages (default: all, in order): oracle oracle_data teacher student_sft
+# teacher_data offline online_teacher online_student diversity report.
+# Finished stages are skipped (training runs resume from their checkpoints;
+# existing datasets are kept), so the script can be re-run after an interruption.
+# Outputs: runs/teacher_hacking/{oracle,teacher,student_sft,offline,...} (each
+# with TensorBoard scalars), runs/teacher_hacking/data (TFDS datasets),
+# docs/experiments/teacher_hacking_*.png and the summary table on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=runs/teacher_hacking
+DATA=$ROOT/data
+GIN=gin/experiments/teacher_hacking
+PY=${PYTHON:-python}
+mkdir -p "$ROOT"
+
+train() {  # train/distill from one gin file
+  echo "== $1"
+  $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin"
+}
+
+generate() {  # generate NAME CHECKPOINT SPLIT PROMPTS GENERATIONS
+  if [ -d "$DATA/posttrain_generated/$1" ]; then
+    echo "== dataset $1 exists; skipped"
+    return
+  fi
+  echo "== dataset $1: $4 prompts x $5 generations from $2"
+  $PY tools/generate_dataset.py --checkpoint "$2" --output_dir "$DATA" --name "$1" \
+    --split "$3" --num_prompts "$4" --generations_per_prompt "$5" \
+    --prompt_length 32 --max_new_tokens 48 --temperature 1.0 --batch_size 128 --seed 0
+}
+
+stage() {
+  case "$1" in
+    oracle) train oracle ;;
+    oracle_data)
+      generate oracle "$ROOT/oracle" train 3000 4
+      generate oracle_validation "$ROOT/oracle" validation 96 1 ;;
+    teacher) train teacher ;;
+    student_sft) train student_sft ;;
+    teacher_data)
+      generate teacher_p512_g1 "$ROOT/teacher" train 512 1
+      generate teacher_p256_g2 "$ROOT/teacher" train 256 2
+      generate teacher_p128_g4 "$ROOT/teacher" train 128 4 ;;
+    offline) train offline ;;
+    online_teacher) train online_teacher ;;
+    online_student) train online_student ;;
+    diversity) train diversity_p256_g2; train diversity_p128_g4 ;;
+    report)
+      $PY tools/plot_teacher_hacking.py --root "$ROOT" --out_dir docs/experiments ;;
+    *) echo "unknown stage $1" >&2; exit 2 ;;
+  esac
+}
+
+STAGES=("$@")
+if [ ${#STAGES[@]} -eq 0 ]; then
+  STAGES=(oracle oracle_data teacher student_sft teacher_data offline online_teacher
+          online_student diversity report)
+fi
+for s in "${STAGES[@]}"; do stage "$s"; done
