@@ -24,7 +24,13 @@ like any other run (sampling, export, merges).
 Metrics: reward, gold_reward (gold_reward=True), kl_sft and kl_anchor (Monte
 Carlo sum of per-token log-ratios on the policy's samples; unbiased for
 KL(pi || .) at temperature 1), shaped_reward (r_beta), entropy (per response
-token), response_length, loss, grad_norm, learning_rate.
+token), response_length, loss, grad_norm, learning_rate; eval/* on held-out
+prompts adds the per-token exact KL to the SFT model.
+
+Temperature: as in WARP, responses are sampled at `temperature` (0.9) while
+the surrogate and r_beta use the untempered log pi; at temperature != 1 the
+update is therefore the usual practical approximation of the policy gradient
+of E_{y~pi}[r_beta], not an unbiased estimate of it.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.progress import ProgressReporter
 from posttrain_jax.sampling import Sampler, SamplingConfig
-from posttrain_jax.sequence_kl import mc_sequence_kl
+from posttrain_jax.sequence_kl import expected_token_kl, mc_sequence_kl
 from posttrain_jax.trainer import TrainState, optimizer_step
 
 ANCHORS = ("ema", "sft")
@@ -134,10 +140,16 @@ def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta:
 
 
 def eval_metrics(model, params, sft_params, batch) -> dict[str, jax.Array]:
-  """reward, kl_sft (MC), entropy and response_length of sampled responses."""
-  tok_lp, entropy_sums = _response_logprobs(model, params, batch)
-  return _sample_metrics(batch, tok_lp, _response_logprobs(model, sft_params, batch)[0],
-                         entropy_sums)
+  """reward, kl_sft (MC), kl_sft_per_token (sequence_kl.expected_token_kl: the
+  full-vocabulary KL summed along the sampled prefixes, lower variance), entropy
+  and response_length of sampled responses."""
+  logits, logits_sft = _forward(model, params, batch), _forward(model, sft_params, batch)
+  tokens, mask = batch["tokens"], batch["mask"]
+  metrics = _sample_metrics(batch, pg.token_logprobs(logits, tokens, mask),
+                            pg.token_logprobs(logits_sft, tokens, mask),
+                            pg.token_entropy_sums(logits, mask))
+  metrics["kl_sft_per_token"] = expected_token_kl(logits, logits_sft, mask)["kl"]
+  return metrics
 
 
 class PolicyTrainer:
@@ -301,7 +313,7 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     eval_prompts / num_eval_prompts / eval_every: held-out prompts (the first
       num_eval_prompts of eval_prompts, one sample each, fixed rng) scored every
       eval_every steps and at the end: eval/reward, eval/gold_reward,
-      eval/kl_sft, eval/entropy, eval/response_length.
+      eval/kl_sft, eval/kl_sft_per_token, eval/entropy, eval/response_length.
     prompt_source / eval_prompt_list: replace the prompt tasks (tests): an
       iterator like data.prompts.PromptIterator, and token-id prompts.
   """

@@ -89,9 +89,10 @@ def test_rl_steps_on_8_devices(tmp_path, sft_dir, ici, ema_rate):
   assert result.final_step == 3 and sorted(result.metrics) == [1, 2, 3]
   assert sorted(result.eval_metrics) == [2, 3]
   for m in result.eval_metrics.values():
-    assert set(m) == {"reward", "gold_reward", "kl_sft", "entropy", "response_length"}
+    assert set(m) == {"reward", "gold_reward", "kl_sft", "kl_sft_per_token", "entropy",
+                      "response_length"}
     assert all(np.isfinite(v) for v in m.values())
-    assert 0.0 <= m["gold_reward"] < 1.0
+    assert 0.0 <= m["gold_reward"] < 1.0 and m["kl_sft_per_token"] >= 0.0
   for m in result.metrics.values():
     for key in ("reward", "kl_sft", "kl_anchor", "entropy", "response_length", "loss",
                 "grad_norm", "learning_rate", "shaped_reward", "gold_reward"):
@@ -132,6 +133,11 @@ def test_resume_continues_identically(tmp_path, sft_dir):
     assert resumed.metrics[step] == full.metrics[step]
   for a, b in zip(leaves(resumed.state), leaves(full.state)):
     np.testing.assert_array_equal(a, b)
+  # gradient accumulation over 2 microbatches gives the same update
+  accumulated = run(tmp_path / "micro", sft_dir, 2, num_microbatches=2)
+  assert accumulated.metrics[1]["reward"] == part.metrics[1]["reward"]
+  for a, b in zip(leaves(accumulated.state.params), leaves(part.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_input(tmp_path, sft_dir):
