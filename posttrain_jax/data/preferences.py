@@ -22,7 +22,11 @@ batches for the reward trainer: for side in ("chosen", "rejected"),
 A row longer than L keeps its last L tokens (the prompt's start is cut, the
 response and its end, where the reward model reads its score, are kept).
 
-``read_preferences`` / ``write_preferences`` import no TensorFlow (tools that
+``label_pairs`` turns two gold-scored responses per prompt into records
+(higher gold = chosen, ties dropped, exactly round(label_noise * pairs) labels
+flipped at seeded positions; tools/label_preferences.py).
+
+``read_preferences`` / ``write_preferences`` / ``label_pairs`` import no TensorFlow (tools that
 only score pairs use them); seqio/TF load when a task or iterator is built.
 """
 
