@@ -99,3 +99,29 @@ def test_backbone_initialisation_is_required(setup):
     run(setup, "noinit", initial_checkpoint=None)
   with pytest.raises(ValueError, match="linear_probe_steps"):
     run(setup, "bad", num_steps=2)
+
+
+def test_warm_gin_files_configure_the_job():
+  import gin
+  from posttrain_jax import cli, main
+  main.register_configurables()
+  seen = set()
+  try:
+    for m in range(4):
+      gin.clear_config()
+      cli.configure(cli.parse_flags([f"--gin_file=experiments/warm/member_{m}.gin"]))
+      assert cli.call(gin.get_configurable("posttrain_jax.job")) == "train_reward_model"
+      lr = gin.get_configurable("posttrain_jax.OptimizerConfig")().learning_rate
+      with gin.config_scope("rm_train"):
+        data_seed = gin.get_configurable("posttrain_jax.DatasetConfig")().seed
+      assert data_seed == m
+      seen.add((lr, data_seed))
+      # the linear-probe settings are the same for every member
+      assert gin.query_parameter("train_reward_model.linear_probe_seed") == 0
+      assert gin.query_parameter("train_reward_model.linear_probe_learning_rate") == 1e-2
+    assert len({lr for lr, _ in seen}) == 4
+    gin.clear_config()
+    with pytest.raises(cli.ConfigError, match="Required macro"):
+      cli.configure(cli.parse_flags(["--gin_file=experiments/warm/warm_member.gin"]))
+  finally:
+    gin.clear_config()
