@@ -1,6 +1,5 @@
 """tools/label_preferences.py: sampled pairs labelled by the gold reward, exact label noise."""
 
-import json
 import os
 import subprocess
 import sys
