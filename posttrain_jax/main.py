@@ -36,6 +36,7 @@ JOBS = {
     "train_reward_model": "posttrain_jax.reward_training:train_reward_model",
     "train_policy": "posttrain_jax.policy_training:train_policy",
     "distill": "posttrain_jax.distill:distill",
+    "distillation_demo": "posttrain_jax.distillation_demo:distillation_demo",
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 from posttrain_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = "--gin_file=gin/experiments/quickstart.gin"
+QUICKSTART = "--gin_file=gin/experiments/lm_quickstart.gin"
 
 
 def run_main(*args, timeout=300):
@@ -151,7 +151,7 @@ def test_run_directories_in_the_working_directory_do_not_break_includes(tmp_path
   main_lib.register_configurables()
   gin.clear_config()
   try:
-    cli.configure(cli.parse_flags([f"--gin_file={REPO}/gin/experiments/quickstart.gin"]))
+    cli.configure(cli.parse_flags([f"--gin_file={REPO}/gin/experiments/lm_quickstart.gin"]))
     assert gin.query_parameter("ModelConfig.embed_dim") == 128
   finally:
     gin.clear_config()

@@ -10,7 +10,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def binary(run_dir, num_steps):
   return [sys.executable, "-m", "posttrain_jax.main",
-          "--gin_file=gin/experiments/quickstart.gin", f"--gin.RUN_DIR='{run_dir}'",
+          "--gin_file=gin/experiments/lm_quickstart.gin", f"--gin.RUN_DIR='{run_dir}'",
           f"--gin.NUM_STEPS={num_steps}", "--gin.SEQUENCE_LENGTH=32",
           "--gin.BATCH_SIZE=4", "--gin.train.log_every=1", "--gin.train.eval_every=0",
           "--gin.train.eval_data=None", "--gin.train.checkpoint_every=1000",

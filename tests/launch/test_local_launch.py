@@ -79,14 +79,14 @@ def test_training_binary_two_processes_one_replica_each(tmp_path):
   run_dir = tmp_path / "run 1"  # a space: quoting must survive
   proc, _ = _launch(
       "--num_processes=2", "--devices_per_process=1", "--grace=5",
-      "--timeout=170", "--gin_file=gin/experiments/quickstart.gin",
+      "--timeout=170", "--gin_file=gin/experiments/lm_quickstart.gin",
       f"--gin.RUN_DIR={str(run_dir)!r}", "--gin.NUM_STEPS=2",
       "--gin.SEQUENCE_LENGTH=16", "--gin.BATCH_SIZE=4",
       "--gin.train.eval_data=None", "--gin.train.log_every=1",
       "--gin.train.async_checkpointing=False", "--gin.ModelConfig.num_layers=1",
       "--gin.train.dcn_parallelism={'replica': 2}")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert "-m posttrain_jax.main --gin_file=gin/experiments/quickstart.gin" in proc.stderr
+  assert "-m posttrain_jax.main --gin_file=gin/experiments/lm_quickstart.gin" in proc.stderr
   # 1 device per process, 2 in the mesh: the processes formed one system
   assert "[p0] initialised" in proc.stdout
   assert "mesh {'replica': 2, 'data': 1, 'fsdp': 1, 'tensor': 1}" in proc.stdout
