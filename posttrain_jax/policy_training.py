@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from posttrain_jax import params_checkpoint, partitioning
+from posttrain_jax import params_checkpoint, partitioning, reward_model
 from posttrain_jax import policy_gradient as pg
 from posttrain_jax import rewards as rewards_lib
 from posttrain_jax.checkpointing import Checkpointer
@@ -239,7 +239,6 @@ def resolve_reward(reward: str, mesh):
       raise ValueError(f"Unknown reward {reward!r}: neither a registered reward "
                        f"({', '.join(rewards_lib.names())}) nor a reward model "
                        "directory.") from None
-    from posttrain_jax import reward_model  # pylint: disable=g-import-not-at-top
     model_fn = reward_model.load_reward_fn(reward, mesh)
     return lambda s: model_fn(s.tokens, s.positions,
                               (s.prompt_mask | s.generated_mask).astype(jnp.int32))

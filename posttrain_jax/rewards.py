@@ -23,6 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from posttrain_jax import gold_reward
+
 RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -32,13 +34,8 @@ def length_reward(tokens: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(mask.astype(jnp.float32), axis=-1)
 
 
-def _gold(tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  from posttrain_jax import gold_reward  # pylint: disable=g-import-not-at-top
-  return gold_reward.gold_reward(tokens, mask)
-
-
 _REGISTRY: dict[str, RewardFn] = {
-    "gold": jax.jit(_gold),
+    "gold": jax.jit(gold_reward.gold_reward),
     "length": jax.jit(length_reward),
 }
 

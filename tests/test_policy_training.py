@@ -149,6 +149,8 @@ def test_bad_input(tmp_path, sft_dir):
     run(tmp_path / "c", None, 1)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     run(tmp_path / "d", str(tmp_path / "missing"), 1)
+  with pytest.raises(ValueError, match=r"ema_rate \(mu\) must be in \[0, 1\]"):
+    run(tmp_path / "h", sft_dir, 1, ema_rate=1.5)
   with pytest.raises(ValueError, match="Unknown anchor"):
     run(tmp_path / "e", sft_dir, 1, anchor="reference")
   with pytest.raises(ValueError, match="not divisible by the mesh's 8 batch shards"):
