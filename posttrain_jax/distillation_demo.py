@@ -62,13 +62,17 @@ def distillation_demo(*, run_dir: str, oracle_config: ModelConfig,
   lm_optimizer = OptimizerConfig(learning_rate=learning_rate,
                                  warmup_steps=max(1, oracle_steps // 10), weight_decay=0.1)
   dirs = {name: os.path.join(run_dir, name) for name in ("oracle", "teacher", "student")}
+  configs = {"oracle": oracle_config, "teacher": teacher_config, "student": student_config}
+  for stage, config in configs.items():
+    # Each stage's own model.gin: tools (sample, convert_hf, distill) read it
+    # before the operative config.gin, whose unscoped ModelConfig is the oracle.
+    os.makedirs(dirs[stage], exist_ok=True)
+    with open(os.path.join(dirs[stage], "model.gin"), "w") as f:
+      f.write(params_checkpoint.model_gin(config, f"{stage} of the demo"))
   for stage, (config, steps) in (("oracle", (oracle_config, oracle_steps)),
                                  ("teacher", (teacher_config, teacher_steps))):
     print(f"== stage {stage}: {config.num_layers} layers x {config.embed_dim}, "
           f"{steps} steps of LM training on {task!r} -> {dirs[stage]}", flush=True)
-    os.makedirs(dirs[stage], exist_ok=True)  # the stage's own model.gin wins over
-    with open(os.path.join(dirs[stage], "model.gin"), "w") as f:  # config.gin
-      f.write(params_checkpoint.model_gin(config, f"{stage} of the demo"))
     train_lib.train(model_config=config, run_dir=dirs[stage], train_data=data,
                     num_steps=steps, optimizer=lm_optimizer, eval_data=eval_data,
                     eval_batches=4, checkpoint_every=steps, keep_checkpoints=1,

@@ -27,6 +27,8 @@ def test_quickstart_demo_runs_all_stages_and_resumes(tmp_path):
   # The teacher's own model.gin (not the operative config's oracle) describes it.
   with open(tmp_path / "teacher" / "model.gin") as f:
     assert "ModelConfig.num_layers = 2" in f.read()
+  with open(tmp_path / "student" / "model.gin") as f:
+    assert "ModelConfig.embed_dim = 64" in f.read()
   again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
