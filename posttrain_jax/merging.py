@@ -8,8 +8,12 @@ Averaged Reward Models", arXiv 2401.12187, Eq. 2):
 over M models fine-tuned from a shared initialisation (linear mode
 connectivity makes the average a good model). For a reward model that is
 linear in its parameters (a head on fixed features) the averaged model's
-prediction equals the average of the predictions exactly. WARP's SLERP and
-LITI merges (Ramé et al., 2024, arXiv 2406.16768) will live here too.
+prediction equals the average of the predictions exactly.
+
+`slerp`, `slerp_many` and `liti` are WARP's merges (Ramé et al., 2024, "WARP:
+On the Benefits of Weight Averaged Rewarded Policies", arXiv 2406.16768,
+Sec. 3): spherical interpolation of task vectors delta_m = theta_m - theta_init
+tensor by tensor, recursive for M > 2, and interpolation towards the init.
 
 `average` is pure (pytrees in, pytree out); `merge_model_dirs` reads model
 directories (params_checkpoint / reward_model layouts), checks that they
@@ -18,7 +22,7 @@ share one architecture, merges and writes a model directory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import dataclasses
 import os
 from typing import Any
@@ -69,7 +73,7 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> np.ndarra
 
 
 def average(params_list: Sequence[Any], weights: Sequence[float] | None = None):
-  """sum_i lambda_i params_i leaf by leaf (in float32, cast back to each dtype).
+  """sum_i lambda_i params_i leaf by leaf (host float64, cast back to each dtype).
 
   Args:
     params_list: M parameter pytrees of identical structure and shapes.
@@ -81,10 +85,64 @@ def average(params_list: Sequence[Any], weights: Sequence[float] | None = None):
     return params_list[0]
 
   def combine(*leaves):
-    acc = sum(float(wi) * np.asarray(x, np.float32) if isinstance(x, np.ndarray)
-              else float(wi) * x.astype(np.float32) for wi, x in zip(w, leaves))
-    return acc.astype(leaves[0].dtype)
+    acc = sum(float(wi) * np.asarray(x, np.float64) for wi, x in zip(w, leaves))
+    return acc.astype(np.asarray(leaves[0]).dtype)
   return jax.tree.map(combine, *params_list)
+
+
+def _slerp_leaf(t0, t1, t2, lam: float, eps: float):
+  dtype = np.asarray(t1).dtype
+  t0, t1, t2 = (np.asarray(t, np.float64) for t in (t0, t1, t2))
+  d1, d2 = t1 - t0, t2 - t0
+  n1, n2 = np.linalg.norm(d1), np.linalg.norm(d2)
+  lerp = t0 + (1.0 - lam) * d1 + lam * d2
+  if n1 < eps or n2 < eps:
+    return lerp.astype(dtype)
+  omega = np.arccos(np.clip(np.vdot(d1, d2) / (n1 * n2), -1.0, 1.0))
+  if np.sin(omega) < eps:  # (anti)parallel task vectors: SLERP -> LERP
+    return lerp.astype(dtype)
+  out = t0 + (np.sin((1.0 - lam) * omega) * d1 + np.sin(lam * omega) * d2) / np.sin(omega)
+  return out.astype(dtype)
+
+
+def slerp(init, params_1, params_2, lam: float = 0.5, eps: float = 1e-6):
+  """WARP's SLERP of two fine-tunings of `init`, tensor by tensor:
+
+    slerp = theta_init + sin((1 - lam) Omega) / sin(Omega) * delta_1
+                       + sin(lam Omega) / sin(Omega) * delta_2,
+
+  delta_m = theta_m - theta_init, Omega = angle(delta_1, delta_2) of that
+  tensor. lam = 0 gives theta_1, lam = 1 theta_2; equal-norm task vectors
+  keep their norm. Falls back to LERP theta_init + (1 - lam) delta_1 +
+  lam delta_2 when sin(Omega) < eps or a task vector is ~0. Computed in
+  float64 on the host, returned in each leaf's dtype.
+  """
+  if not 0.0 <= lam <= 1.0:
+    raise ValueError(f"SLERP lambda must be in [0, 1], got {lam}.")
+  _check_same_structure([init, params_1, params_2])
+  return jax.tree.map(lambda a, b, c: _slerp_leaf(a, b, c, lam, eps), init, params_1, params_2)
+
+
+def slerp_many(init, params_list: Sequence[Any], lam: float | None = None):
+  """M >= 2 models: slerp_m = slerp(init, slerp_{m-1}, theta_m, 1/m) (WARP, not
+  associative). `lam` (M = 2 only) overrides 1/2."""
+  if len(params_list) < 2:
+    raise ValueError(f"SLERP needs at least 2 models, got {len(params_list)}.")
+  if lam is not None and len(params_list) != 2:
+    raise ValueError("An explicit SLERP lambda applies to 2 models only; with more, "
+                     "model m is merged in with lambda = 1/m.")
+  merged = params_list[0]
+  for m, params in enumerate(params_list[1:], 2):
+    merged = slerp(init, merged, params, 1.0 / m if lam is None else lam)
+  return merged
+
+
+def liti(init, merged, eta: float = 0.3):
+  """WARP's LITI step: (1 - eta) theta_init + eta theta_merged (eta = 0: init, 1: merged)."""
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"LITI eta must be in [0, 1], got {eta}.")
+  return average([init, merged], [1.0 - eta, eta]) if 0.0 < eta < 1.0 else (
+      merged if eta == 1.0 else init)
 
 
 @dataclasses.dataclass
@@ -135,21 +193,41 @@ def load_models(directories: Sequence[str]) -> list[LoadedModel]:
   return out
 
 
-def merge_model_dirs(directories: Sequence[str], output: str,
-                     weights: Sequence[float] | None = None,
-                     merge: Callable[..., Any] = average) -> LoadedModel:
-  """Merges model directories with `merge(params_list, weights)`; writes `output`."""
-  models = load_models(directories)
-  w = normalized_weights(weights, len(models))
-  merged = merge([m.params for m in models], w)
-  first = models[0]
-  info = {"merged_from": [os.path.abspath(d) for d in directories],
-          "merge_weights": w.tolist(), "merge": getattr(merge, "__name__", str(merge))}
-  if first.is_reward_model:
-    reward_model.save_reward_model(output, merged, first.config, info=info)
+def write_model(output: str, like: LoadedModel, params, info: dict[str, Any]) -> LoadedModel:
+  """Writes `params` as a model directory of `like`'s kind and architecture."""
+  if like.is_reward_model:
+    reward_model.save_reward_model(output, params, like.config, info=info)
   else:
-    metadata = params_checkpoint.read_hf_metadata(first.directory)
-    params_checkpoint.save(output, merged, first.config, hf_metadata=metadata,
+    metadata = params_checkpoint.read_hf_metadata(like.directory)
+    params_checkpoint.save(output, params, like.config, hf_metadata=metadata,
                            header=f"Merged ({info['merge']}) from "
                                   f"{', '.join(info['merged_from'])}")
-  return LoadedModel(os.path.abspath(output), first.config, merged, first.is_reward_model)
+  return LoadedModel(os.path.abspath(output), like.config, params, like.is_reward_model)
+
+
+def merge_model_dirs(directories: Sequence[str], output: str,
+                     weights: Sequence[float] | None = None) -> LoadedModel:
+  """WARM: the (weighted) average of model directories, written to `output`."""
+  models = load_models(directories)
+  w = normalized_weights(weights, len(models))
+  info = {"merged_from": [os.path.abspath(d) for d in directories],
+          "merge_weights": w.tolist(), "merge": "average"}
+  return write_model(output, models[0], average([m.params for m in models], w), info)
+
+
+def slerp_model_dirs(init: str, directories: Sequence[str], output: str,
+                     lam: float | None = None) -> LoadedModel:
+  """WARP: recursive SLERP of model directories around `init`, written to `output`."""
+  models = load_models([init, *directories])
+  info = {"merged_from": [os.path.abspath(d) for d in directories],
+          "init": os.path.abspath(init), "merge": "slerp", "lambda": lam}
+  merged = slerp_many(models[0].params, [m.params for m in models[1:]], lam)
+  return write_model(output, models[1], merged, info)
+
+
+def liti_model_dirs(init: str, merged: str, output: str, eta: float) -> LoadedModel:
+  """WARP: (1 - eta) init + eta merged, written to `output`."""
+  models = load_models([init, merged])
+  info = {"merged_from": [os.path.abspath(merged)], "init": os.path.abspath(init),
+          "merge": "liti", "eta": eta}
+  return write_model(output, models[1], liti(models[0].params, models[1].params, eta), info)

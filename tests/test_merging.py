@@ -80,3 +80,63 @@ def test_merge_model_dirs_reward_models_and_architecture_check(tmp_path):
   params_checkpoint.save(str(tmp_path / "policy"), rm_params(0)["backbone"], CFG)
   with pytest.raises(ValueError, match="reward models with policies"):
     merging.merge_model_dirs([dirs[0], str(tmp_path / "policy")], str(tmp_path / "bad2"))
+
+
+# WARP merges (ALGORITHMS.md 7(c)).
+def _vectors(cos, norm=2.0, dim=8, seed=0):
+  """init, theta_1, theta_2 whose task vectors have equal norm and the given cosine."""
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.normal(size=(dim, 2)))
+  d1 = norm * q[:, 0]
+  d2 = norm * (cos * q[:, 0] + np.sqrt(1 - cos ** 2) * q[:, 1])
+  init = rng.normal(size=dim)
+  return ({"w": init}, {"w": init + d1}, {"w": init + d2})
+
+
+def test_slerp_endpoints_and_symmetry():
+  init, a, b = _vectors(0.3)
+  np.testing.assert_allclose(merging.slerp(init, a, b, 0.0)["w"], a["w"], atol=1e-12)
+  np.testing.assert_allclose(merging.slerp(init, a, b, 1.0)["w"], b["w"], atol=1e-12)
+  for lam in (0.2, 0.5, 0.7):
+    np.testing.assert_allclose(merging.slerp(init, a, b, lam)["w"],
+                               merging.slerp(init, b, a, 1 - lam)["w"], atol=1e-12)
+
+
+def test_slerp_keeps_the_norm_and_lerp_shrinks_it():
+  for cos in (-0.5, 0.0, 0.4, 0.9):
+    init, a, b = _vectors(cos, norm=3.0)
+    for lam in (0.25, 0.5, 0.8):
+      s = merging.slerp(init, a, b, lam)["w"] - init["w"]
+      np.testing.assert_allclose(np.linalg.norm(s), 3.0, rtol=1e-10)
+      lerp = merging.average([a, b], [1 - lam, lam])["w"] - init["w"]
+      expected = 3.0 * np.sqrt(1 - 2 * (1 - cos) * (lam - lam ** 2))
+      np.testing.assert_allclose(np.linalg.norm(lerp), expected, rtol=1e-10)
+
+
+def test_slerp_falls_back_to_lerp_for_parallel_or_zero_task_vectors():
+  init, a, _ = _vectors(0.0)
+  b = {"w": init["w"] + 2.0 * (a["w"] - init["w"])}  # parallel, Omega = 0
+  lam = 0.3
+  lerp = init["w"] + (1 - lam) * (a["w"] - init["w"]) + lam * (b["w"] - init["w"])
+  out = merging.slerp(init, a, b, lam)["w"]
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, lerp, atol=1e-12)
+  np.testing.assert_allclose(merging.slerp(init, init, a, 0.5)["w"],
+                             init["w"] + 0.5 * (a["w"] - init["w"]), atol=1e-12)
+
+
+def test_recursive_slerp_and_liti():
+  init, a, b = _vectors(0.2)
+  _, c, _ = _vectors(-0.3, seed=1)
+  c = {"w": init["w"] + (c["w"] - _vectors(-0.3, seed=1)[0]["w"])}
+  np.testing.assert_allclose(merging.slerp_many(init, [a, b])["w"],
+                             merging.slerp(init, a, b, 0.5)["w"], atol=1e-12)
+  three = merging.slerp(init, merging.slerp(init, a, b, 0.5), c, 1 / 3)
+  np.testing.assert_allclose(merging.slerp_many(init, [a, b, c])["w"], three["w"], atol=1e-12)
+  with pytest.raises(ValueError, match="2 models only"):
+    merging.slerp_many(init, [a, b, c], lam=0.5)
+  assert merging.liti(init, a, 0.0) is init and merging.liti(init, a, 1.0) is a
+  np.testing.assert_allclose(merging.liti(init, a, 0.3)["w"],
+                             0.7 * init["w"] + 0.3 * a["w"], rtol=1e-6)
+  with pytest.raises(ValueError, match="eta must be in"):
+    merging.liti(init, a, 1.5)

@@ -69,3 +69,22 @@ def test_errors_are_one_line(tmp_path):
   proc = run_tool("average", "--output", str(tmp_path / "o"), str(tmp_path / "a"),
                   "--weights", "1", "2")
   assert proc.returncode == 2 and "one weight per model" in proc.stderr
+
+
+def test_slerp_and_liti_subcommands(tmp_path):
+  init, a, b = rm(0), rm(1), rm(2)
+  for name, p in (("init", init), ("a", a), ("b", b)):
+    save_reward_model(str(tmp_path / name), p, CFG)
+  proc = run_tool("slerp", "--init", str(tmp_path / "init"), "--output",
+                  str(tmp_path / "s"), str(tmp_path / "a"), str(tmp_path / "b"))
+  assert proc.returncode == 0, proc.stderr
+  merged = merging.load_models([str(tmp_path / "s")])[0].params
+  expected = merging.slerp(init, a, b, 0.5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               merged, expected)
+  proc = run_tool("liti", "--init", str(tmp_path / "init"), "--merged", str(tmp_path / "s"),
+                  "--eta", "0.3", "--output", str(tmp_path / "l"))
+  assert proc.returncode == 0, proc.stderr
+  out = merging.load_models([str(tmp_path / "l")])[0].params
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               out, merging.liti(init, merged, 0.3))
