@@ -1,17 +1,21 @@
 """RL loop: steps on 8 CPU devices (data / fsdp), EMA limits, exact resume, bad input."""
 
 import functools
+import os
 
+import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posttrain_jax import params_checkpoint, rewards
+from posttrain_jax import cli, main, params_checkpoint, reward_model, rewards
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.policy_training import train_policy
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=64, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,
                   head_dim=8, mlp_dim=32, sliding_window_size=8)
 OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0,
@@ -49,18 +53,15 @@ class FixedPrompts:
     self.position = state["position"]
 
 
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-  params = Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  params = nn_unbox(params)
-  path = str(tmp_path_factory.mktemp("sft") / "model")
-  params_checkpoint.save(path, params, CFG)
+def save_random_model(path, cfg):
+  params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  params_checkpoint.save(path, nn.unbox(params), cfg)
   return path
 
 
-def nn_unbox(tree):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return nn.unbox(tree)
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+  return save_random_model(str(tmp_path_factory.mktemp("sft") / "model"), CFG)
 
 
 def run(run_dir, sft_dir, num_steps, **kw):
@@ -160,8 +161,7 @@ def test_bad_input(tmp_path, sft_dir):
 
 
 def test_reward_model_directory_as_reward(tmp_path, sft_dir):
-  from posttrain_jax import reward_model  # pylint: disable=g-import-not-at-top
-  params = nn_unbox(reward_model.init_boxed(reward_model.RewardModel(CFG), jax.random.key(1)))
+  params = nn.unbox(reward_model.init_boxed(reward_model.RewardModel(CFG), jax.random.key(1)))
   params["head"]["kernel"] = jax.random.normal(jax.random.key(2), params["head"]["kernel"].shape)
   rm_dir = str(tmp_path / "rm")
   reward_model.save_reward_model(rm_dir, params, CFG)
@@ -170,3 +170,47 @@ def test_reward_model_directory_as_reward(tmp_path, sft_dir):
   assert np.isfinite(m["reward"]) and m["reward"] != 0.0 and np.isfinite(m["loss"])
   with pytest.raises(ValueError, match="not a reward model directory"):
     run(tmp_path / "run2", sft_dir, 1, reward=sft_dir)
+
+
+def _configure(flags):
+  main.register_configurables()
+  gin.clear_config()
+  cli.configure(cli.parse_flags(flags))
+
+
+def test_gin_run_on_the_prompt_task(tmp_path):
+  """The documented command's configuration (SFT model.gin + reinforce.gin) runs
+  on pydoc_prompts with the gold reward and held-out eval."""
+  sft = save_random_model(str(tmp_path / "sft"),
+                          ModelConfig(**{**CFG.__dict__, "vocab_size": 2048}))
+  _configure([
+      f"--gin_file={sft}/model.gin", f"--gin_file={REPO}/gin/experiments/rl/reinforce.gin",
+      f"--gin.RUN_DIR='{tmp_path / 'rl'}'", f"--gin.SFT_CHECKPOINT='{sft}'",
+      "--gin.REWARD='gold'", "--gin.NUM_STEPS=2", "--gin.PROMPTS_PER_STEP=4",
+      "--gin.MAX_NEW_TOKENS=6", "--gin.PROMPT_LENGTH=8",
+      "--gin.train_policy.num_eval_prompts=8", "--gin.train_policy.log_every=1"])
+  try:
+    assert gin.query_parameter("job.name") == "train_policy"
+    result = gin.get_configurable("posttrain_jax.train_policy")(
+        operative_config=gin.config_str())
+  finally:
+    gin.clear_config()
+  assert sorted(result.metrics) == [1, 2] and sorted(result.eval_metrics) == [2]
+  m = result.metrics[2]
+  assert m["reward"] == m["gold_reward"] and np.isfinite(m["loss"])
+  assert 1.0 <= m["response_length"] <= 6.0
+  assert (tmp_path / "rl" / "config.gin").exists()
+
+
+def test_reinforce_gin_requires_its_macros():
+  try:
+    with pytest.raises(cli.ConfigError, match="REWARD"):
+      _configure([f"--gin_file={REPO}/gin/models/gemma2_tiny.gin",
+                  f"--gin_file={REPO}/gin/experiments/rl/reinforce.gin",
+                  "--gin.RUN_DIR='/tmp/unused'", "--gin.SFT_CHECKPOINT='/tmp/unused'"])
+    _configure([f"--gin_file={REPO}/gin/experiments/rl/reinforce_tiny.gin"])
+    assert (gin.query_parameter("train_policy.anchor"), gin.query_parameter(
+        "train_policy.ema_rate"), gin.query_parameter("train_policy.beta")) == ("ema", 0.01, 0.1)
+    assert gin.query_parameter("%REWARD") == "gold"
+  finally:
+    gin.clear_config()
