@@ -2,6 +2,7 @@
 
 import functools
 import os
+import signal
 
 import flax.linen as nn
 import gin
@@ -124,10 +125,20 @@ def test_sft_anchor_stores_no_copy(tmp_path, sft_dir):
       leaves(result.state.params)[0])
 
 
-def test_resume_continues_identically(tmp_path, sft_dir):
+def test_resume_after_preemption_continues_identically(tmp_path, sft_dir):
+  calls = []
+
+  def sigterm_in_step_2(tokens, mask):  # a preemption notice arrives during step 2
+    calls.append(1)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return low_ids_reward(tokens, mask)
+  rewards.register("test_sigterm_in_step_2", sigterm_in_step_2)
+
   full = run(tmp_path / "full", sft_dir, 4)
-  part = run(tmp_path / "part", sft_dir, 2)
-  assert part.final_step == 2 and part.resumed_from is None
+  part = run(tmp_path / "part", sft_dir, 4, reward="test_sigterm_in_step_2",
+             checkpoint_every=100)
+  assert part.preempted and part.final_step == 2 and part.resumed_from is None
   resumed = run(tmp_path / "part", sft_dir, 4)  # fresh prompt source: state restored
   assert resumed.resumed_from == 2 and sorted(resumed.metrics) == [3, 4]
   for step in (3, 4):
