@@ -22,7 +22,7 @@ import jax
 
 from posttrain_jax import params_checkpoint, partitioning
 from posttrain_jax.checkpointing import Checkpointer
-from posttrain_jax.data.dataset_config import DatasetConfig
+from posttrain_jax.data.dataset_config import DatasetConfig, PromptConfig
 from posttrain_jax.distillation_eval import ProxyGoldenEvaluator, restore_frozen
 from posttrain_jax.distillation_sources import (
     MixtureSource, OfflineSource, OnlineSource, check_weights)
@@ -34,22 +34,6 @@ from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.progress import ProgressReporter
 from posttrain_jax.sampling import SamplingConfig
 from posttrain_jax import train as train_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptConfig:
-  """Prompts for online sampling or evaluation: a prompt task (data.prompts).
-
-  batch_size is the global number of prompts per batch.
-  """
-
-  task_name: str
-  split: str
-  prompt_length: int
-  batch_size: int
-  shuffle: bool = True
-  seed: int = 0
-  num_epochs: int | None = None
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from posttrain_jax import distill as distill_lib
 from posttrain_jax import params_checkpoint
 from posttrain_jax import train as train_lib
 from posttrain_jax.data.dataset_config import DatasetConfig
-from posttrain_jax.distill import PromptConfig
+from posttrain_jax.data.dataset_config import PromptConfig
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.optimizer import OptimizerConfig
 

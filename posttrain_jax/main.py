@@ -23,7 +23,7 @@ import gin  # pylint: disable=g-import-not-at-top
 from posttrain_jax import cli
 from posttrain_jax import distributed
 from posttrain_jax.data.dataset_config import DatasetConfig
-from posttrain_jax.distill import PromptConfig
+from posttrain_jax.data.dataset_config import PromptConfig
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.nonfinite_guard import NonFiniteError
 from posttrain_jax.optimizer import OptimizerConfig

@@ -51,7 +51,7 @@ from posttrain_jax import params_checkpoint, partitioning, reward_model
 from posttrain_jax import policy_gradient as pg
 from posttrain_jax import rewards as rewards_lib
 from posttrain_jax.checkpointing import Checkpointer
-from posttrain_jax.distill import PromptConfig
+from posttrain_jax.data.dataset_config import PromptConfig
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig

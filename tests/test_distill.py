@@ -10,7 +10,8 @@ import pytest
 
 from posttrain_jax import params_checkpoint
 from posttrain_jax.data.dataset_config import DatasetConfig
-from posttrain_jax.distill import PromptConfig, distill
+from posttrain_jax.data.dataset_config import PromptConfig
+from posttrain_jax.distill import distill
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.optimizer import OptimizerConfig
 

@@ -1,4 +1,4 @@
-"""Plain description of an input pipeline (no TensorFlow import)."""
+"""Plain descriptions of input pipelines: LM/prefix-LM batches and prompts (no TensorFlow import)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,19 @@ class DatasetConfig:
   pack: bool = True
   num_epochs: int | None = None  # None repeats forever (training)
   inputs_length: int | None = None  # prompt budget of prefix-LM tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """Prompts for online sampling or evaluation: a prompt task (data.prompts).
+
+  batch_size is the global number of prompts per batch.
+  """
+
+  task_name: str
+  split: str
+  prompt_length: int
+  batch_size: int
+  shuffle: bool = True
+  seed: int = 0
+  num_epochs: int | None = None
