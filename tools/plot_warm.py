@@ -1,0 +1,150 @@
+"""Plots and tabulates the WARM experiment (tools/run_warm.sh).
+
+  python tools/plot_warm.py --root runs/warm_rl --out_dir docs/experiments
+
+Reads the TensorBoard scalars of the two RL runs under --root (policy_single:
+REINFORCE against one proxy reward model; policy_warm: against the WARM
+average), both for the training batches (`reward`, `gold_reward`, `kl_sft`:
+means over each logging window) and for the held-out prompts (`eval/reward`,
+`eval/gold_reward`, `eval/kl_sft`), and writes
+
+  warm_curves.png   proxy reward, gold reward and KL(pi || pi_sft) vs step, and
+                    gold reward vs KL, for both runs (lines: training batches,
+                    markers: held-out eval)
+
+and prints a markdown table per source (eval / train): start, peak and final
+gold reward, the step of the gold peak, the gold drop from the peak to the
+end, start and final proxy reward and the final KL. Reward hacking shows as
+gold falling after its peak while the proxy keeps rising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+if _TOOLS not in sys.path:
+  sys.path.insert(0, _TOOLS)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+from detect_hacking import read_curve  # also puts the repo root on sys.path
+
+RUNS = ("policy_single", "policy_warm")
+LABELS = {"policy_single": "single RM (member 0)", "policy_warm": "WARM (M=3)"}
+METRICS = ("reward", "gold_reward", "kl_sft")
+SOURCES = {"eval": "eval/", "train": ""}
+
+
+def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{tag: (steps, values)} of the train and eval reward/gold/KL scalars present."""
+  out = {}
+  for prefix in SOURCES.values():
+    for metric in METRICS:
+      c = read_curve(run_dir, prefix + metric)
+      if c is not None:
+        out[prefix + metric] = c
+  return out
+
+
+def summarize(c: dict, source: str) -> dict[str, float] | None:
+  """Start / peak / final gold, peak step, drop, start / final proxy, final KL."""
+  prefix = SOURCES[source]
+  if any(prefix + m not in c for m in METRICS):
+    return None
+  gs, gv = c[prefix + "gold_reward"]
+  _, pv = c[prefix + "reward"]
+  _, kv = c[prefix + "kl_sft"]
+  i = int(np.argmax(gv))
+  return {"gold_start": gv[0], "gold_peak": gv[i], "gold_peak_step": int(gs[i]),
+          "gold_final": gv[-1], "gold_drop": gv[i] - gv[-1], "proxy_start": pv[0],
+          "proxy_final": pv[-1], "kl_final": kv[-1], "first_step": int(gs[0]),
+          "last_step": int(gs[-1])}
+
+
+def table(runs: dict, source: str) -> list[str]:
+  lines = [f"| run ({source}) | gold: start (step) | peak (step) | final (step) "
+           "| drop after peak | proxy: start -> final | KL to SFT (final) |",
+           "|---|---|---|---|---|---|---|"]
+  for name in RUNS:
+    s = summarize(runs[name], source) if name in runs else None
+    if s is None:
+      continue
+    lines.append(
+        f"| {LABELS[name]} | {s['gold_start']:.3f} ({s['first_step']}) "
+        f"| {s['gold_peak']:.3f} ({s['gold_peak_step']}) "
+        f"| {s['gold_final']:.3f} ({s['last_step']}) | {s['gold_drop']:.3f} "
+        f"| {s['proxy_start']:.3f} -> {s['proxy_final']:.3f} | {s['kl_final']:.2f} |")
+  return lines
+
+
+def plot(runs: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+  titles = {"reward": "proxy reward (each run's own RM)", "gold_reward": "gold reward",
+            "kl_sft": "KL(pi || pi_sft), nats / sequence"}
+  for k, name in enumerate(n for n in RUNS if n in runs):
+    c, color = runs[name], f"C{k}"
+    for ax, metric in zip(axes[:3], METRICS):
+      if metric in c:
+        ax.plot(*c[metric], color=color, alpha=0.7, label=f"{LABELS[name]} (train)")
+      if "eval/" + metric in c:
+        ax.plot(*c["eval/" + metric], color=color, marker="o", linestyle="--",
+                label=f"{LABELS[name]} (eval)")
+    for prefix, style in (("", dict(alpha=0.7)),
+                          ("eval/", dict(marker="o", linestyle="--"))):
+      if prefix + "kl_sft" in c and prefix + "gold_reward" in c:
+        ks, kv = c[prefix + "kl_sft"]
+        gs, gv = c[prefix + "gold_reward"]
+        common, ki, gi = np.intersect1d(ks, gs, return_indices=True)
+        if len(common):
+          axes[3].plot(kv[ki], gv[gi], color=color, **style,
+                       label=f"{LABELS[name]} ({'eval' if prefix else 'train'})")
+  for ax, metric in zip(axes[:3], METRICS):
+    ax.set(title=titles[metric], xlabel="RL step")
+  axes[3].set(title="gold reward vs KL to SFT", xlabel="KL(pi || pi_sft)",
+              ylabel="gold reward")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("RL against one proxy reward model vs against WARM (CPU scale, one seed)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--root", default="runs/warm_rl")
+  parser.add_argument("--out_dir", default="docs/experiments")
+  args = parser.parse_args(argv)
+  runs = {}
+  for name in RUNS:
+    d = os.path.join(args.root, name)
+    if os.path.isdir(d):
+      c = curves(d)
+      if "gold_reward" in c or "eval/gold_reward" in c:
+        runs[name] = c
+  if not runs:
+    print(f"plot_warm: no RL runs with gold_reward scalars under {args.root} "
+          f"(expected {' and '.join(RUNS)}; run bash tools/run_warm.sh)", file=sys.stderr)
+    return 2
+  os.makedirs(args.out_dir, exist_ok=True)
+  path = os.path.join(args.out_dir, "warm_curves.png")
+  plot(runs, path)
+  print(f"wrote {path}")
+  for source in SOURCES:
+    lines = table(runs, source)
+    if len(lines) > 2:
+      print()
+      print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
