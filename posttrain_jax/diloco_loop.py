@@ -17,16 +17,25 @@ dcn_parallelism={"replica": M}), or, in one process, M replicas share a mesh
 with replica degree r dividing M (r = 1: every replica on all devices, a
 simulation of M replicas on one host). The global batch is split into M
 contiguous row blocks; each block is sharded over the other batch axes.
+
+Other inner steps: `DiLoCoLoop(..., inner_step=..., aux_shardings=...)` wraps
+any step on the LM TrainState; `distillation` builds the loop for the
+distillation loop (`distill.distill(..., diloco=...)`): the student trains as M
+replicas, the frozen teacher's params are the step's shared `aux`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import functools
 import math
 
 import jax
 
 from posttrain_jax import diloco_trainer, params_checkpoint, partitioning
 from posttrain_jax import streaming_diloco as sd
+from posttrain_jax.distillation_trainer import DistillationTrainer, distillation_objective
+from posttrain_jax.trainer import optimizer_step
 
 
 def _gb(n: float) -> str:
@@ -37,7 +46,12 @@ class DiLoCoLoop:
   """Trainer-like wrapper of `DiLoCoTrainer` for `train.train`."""
 
   def __init__(self, model, tx, schedule, mesh, config: sd.DiLoCoConfig, *,
-               batch_size: int, num_microbatches: int = 1, z_loss: float = 0.0):
+               batch_size: int | Sequence[int], num_microbatches: int = 1,
+               z_loss: float = 0.0, inner_step: sd.InnerStep | None = None,
+               aux_shardings=None):
+    """batch_size: the global batch size, or those of every input the loop
+    feeds; inner_step / aux_shardings: see diloco_trainer.DiLoCoTrainer (None:
+    the LM step)."""
     m, r = config.num_replicas, mesh.shape[sd.REPLICA_AXIS]
     if r != m and (m % r or jax.process_count() > 1):
       raise ValueError(
@@ -49,15 +63,17 @@ class DiLoCoLoop:
         partitioning.DEFAULT_RULES)).spec[0]
     axes = inner_batch if isinstance(inner_batch, tuple) else (inner_batch,)
     shards = math.prod(mesh.shape[a] for a in axes if a)
-    if batch_size % (m * shards):
-      raise ValueError(
-          f"Streaming DiLoCo: the global batch size {batch_size} must split into "
-          f"num_replicas={m} row blocks, each divisible by the {shards} batch "
-          f"shards of the mesh {dict(mesh.shape)} (batch size a multiple of "
-          f"{m * shards}).")
+    for size in [batch_size] if isinstance(batch_size, int) else batch_size:
+      if size % (m * shards):
+        raise ValueError(
+            f"Streaming DiLoCo: the global batch size {size} must split into "
+            f"num_replicas={m} row blocks, each divisible by the {shards} batch "
+            f"shards of the mesh {dict(mesh.shape)} (batch size a multiple of "
+            f"{m * shards}).")
     self.config = config
-    self.trainer = diloco_trainer.DiLoCoTrainer(model, tx, schedule, mesh, config,
-                                    num_microbatches=num_microbatches, z_loss=z_loss)
+    self.trainer = diloco_trainer.DiLoCoTrainer(
+        model, tx, schedule, mesh, config, num_microbatches=num_microbatches,
+        z_loss=z_loss, inner_step=inner_step, aux_shardings=aux_shardings)
     self.abstract_state = self.trainer.abstract_state
     self.counter = self.trainer.new_counter()
     self._step = 0
@@ -72,9 +88,10 @@ class DiLoCoLoop:
   def eval_sums(self, params, batch):
     return self.trainer.eval_sums(params, batch)
 
-  def train_step(self, state, batch):
-    """One DiLoCo step; the host step count (set by `start`) picks the event."""
-    state, metrics = self.trainer.train_step(state, batch, self._step)
+  def train_step(self, state, batch, aux=None):
+    """One DiLoCo step; the host step count (set by `start`) picks the event;
+    `aux` (e.g. the teacher's params) is shared by every replica's step."""
+    state, metrics = self.trainer.train_step(state, batch, self._step, aux=aux)
     self.counter.update(self.trainer.event(self._step))
     self._step += 1
     return state, metrics
@@ -117,3 +134,21 @@ class DiLoCoLoop:
             f"{_gb(t['dp_sent_bytes'])} (peak {_gb(t['dp_peak_step_bytes'])}/step) | "
             + (f"{t['dp_ratio']:.0f}x fewer bytes, {t['dp_peak_ratio']:.1f}x lower peak"
                if t["replica_bytes"] else "no exchange yet"))
+
+
+def distillation(trainer: DistillationTrainer, config: sd.DiLoCoConfig, *,
+                 batch_size: int | Sequence[int], kind: str = "forward_kl",
+                 temperature: float = 1.0, beta: float = 0.5,
+                 chunk_size: int | None = None, num_microbatches: int = 1) -> DiLoCoLoop:
+  """Streaming DiLoCo around `trainer`'s distillation step: M student replicas,
+  inner step = optimizer_step with distillation_objective (same loss arguments
+  as the trainer), the teacher's params the shared aux on
+  trainer.teacher_shardings; `train_step(state, batch, teacher_params)`."""
+  loss_fn = distillation_objective(trainer.model, trainer.teacher, kind=kind,
+                                   temperature=temperature, beta=beta,
+                                   chunk_size=chunk_size)
+  step = functools.partial(optimizer_step, loss_fn=loss_fn, tx=trainer.tx,
+                           schedule=trainer.schedule, num_microbatches=num_microbatches)
+  return DiLoCoLoop(trainer.model, trainer.tx, trainer.schedule, trainer.mesh, config,
+                    batch_size=batch_size, num_microbatches=num_microbatches,
+                    inner_step=step, aux_shardings=trainer.teacher_shardings)

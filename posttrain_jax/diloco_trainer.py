@@ -50,14 +50,22 @@ class DiLoCoTrainer:
   replica. `train_step(state, batch, step)` takes the host's step count to pick
   the event's program; `event(step)` and a `ByteCounter` (`new_counter`) give
   the traffic. Evaluate `state.outer_params` with `eval_sums`.
+
+  Other trainers: `inner_step` replaces the LM step, e.g.
+  `functools.partial(trainer.optimizer_step, loss_fn=..., tx=tx, ...)` on the
+  same TrainState; with `aux_shardings`, it is called as
+  inner_step(state, batch, aux) with the `aux` given to `train_step` (e.g. a
+  frozen teacher's params), placed by aux_shardings on every replica group
+  (not vmapped, not donated). `model` is the trained model (eval_sums).
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, mesh: jax.sharding.Mesh,
                config: DiLoCoConfig, rules=partitioning.DEFAULT_RULES,
                num_microbatches: int = 1, z_loss: float = 0.0,
-               inner_step: InnerStep | None = None):
+               inner_step: InnerStep | None = None, aux_shardings=None):
     self.mesh, self.rules, self.config = mesh, rules, config
+    self.aux_shardings = aux_shardings
     self.inner_rules = without_mesh_axis(rules)
     self.trainer = Trainer(model, tx, schedule, mesh, rules,
                            num_microbatches=num_microbatches, z_loss=z_loss)
@@ -112,14 +120,17 @@ class DiLoCoTrainer:
     m = self.config.num_replicas
     spec = self._replica_batch_spec
 
-    def fn(step, replicas, batch):
+    def fn(step, replicas, batch, *aux):
       batch = split_replicas(batch, m)
       batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
           x, NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))), batch)
-      return inner_fn(step, replicas, batch)
+      return inner_fn(step, replicas, batch, *aux)
     replicated = partitioning.replicated(self.mesh)
     replica_sh = self.state_shardings.replicas
-    return jax.jit(fn, in_shardings=(replicated, replica_sh, self.batch_sharding),
+    in_shardings = (replicated, replica_sh, self.batch_sharding)
+    if self.aux_shardings is not None:
+      in_shardings += (self.aux_shardings,)
+    return jax.jit(fn, in_shardings=in_shardings,
                    out_shardings=(replicated, replica_sh, replicated),
                    donate_argnums=(0, 1))
 
@@ -147,11 +158,18 @@ class DiLoCoTrainer:
     return self.algo.counter_at(step)
 
   def train_step(self, state: DiLoCoState, batch, step: int | None = None,
-                 participating=None):
+                 participating=None, aux=None):
     """One step on a global [B, ...] batch (as `Trainer.train_step`); `step` =
-    state.step as known on the host (None reads it from the device)."""
+    state.step as known on the host (None reads it from the device); `aux`
+    is required exactly when the trainer was built with aux_shardings."""
+    if (aux is None) != (self.aux_shardings is None):
+      raise ValueError(
+          "DiLoCoTrainer.train_step: pass `aux` (e.g. the teacher's params) if and "
+          "only if the trainer was built with aux_shardings; got aux "
+          f"{'None' if aux is None else 'given'} and aux_shardings "
+          f"{'None' if self.aux_shardings is None else 'given'}.")
     with _MeshRules(self.mesh, self.inner_rules):
-      return self.algo.train_step(state, batch, step, participating)
+      return self.algo.train_step(state, batch, step, participating, aux)
 
   def eval_sums(self, params, batch):
     return self.trainer.eval_sums(params, batch)

@@ -20,7 +20,12 @@ trainer.TrainState, or distillation / RL states). `replica_steps` vmaps it over
 a leading replica axis M of the state and batch ([M, B/M, ...]), with
 `spmd_axis_name` so sharding constraints inside the step
 put the vmapped axis on the "replica" mesh axis (whose rules must then leave
-"replica" out of the batch axes: see `without_mesh_axis`).
+"replica" out of the batch axes: see `without_mesh_axis`). A step may take a
+third argument, `inner_step(state, batch, aux)`, e.g. `trainer.optimizer_step`
+with a frozen teacher's parameters as `aux` (distillation): `aux` is the same
+for every replica (broadcast, not vmapped), is never donated and gets no
+gradient or update; pass it to `train_step(..., aux=...)`. With aux None (the
+default) the step is called with two arguments.
 
 The exchange inside one program. Δ_{m,p} passes through
 `quantization.fake_quantize` (bit-identical to dequantize(quantize(.)) of the
@@ -87,7 +92,7 @@ from posttrain_jax import fragments as fr
 from posttrain_jax import quantization
 
 REPLICA_AXIS = "replica"
-InnerStep = Callable[[Any, Any], tuple[Any, dict]]
+InnerStep = Callable[..., tuple[Any, dict]]  # (state, batch[, aux]) -> (state, metrics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,24 +243,30 @@ def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, cou
   return (fr.put(outer, frag, new_theta), new_opt, jax.vmap(merge)(replica_params_))
 
 
-def replica_steps(step: jax.Array, replicas, batch, *, inner_step: InnerStep,
-                  spmd_axis_name: str | None = None):
+def replica_steps(step: jax.Array, replicas, batch, aux=None, *,
+                  inner_step: InnerStep, spmd_axis_name: str | None = None):
   """(step + 1, replicas after one vmapped inner step each, metrics). Metrics
   are replica means (tokens: the sum), plus loss_per_replica. Takes only the
   replicas (not the outer state), so one compiled program serves every
-  fragment configuration."""
-  replicas, metrics = jax.vmap(inner_step, spmd_axis_name=spmd_axis_name)(
-      replicas, batch)
+  fragment configuration. `aux` (None: not passed) goes unbatched to every
+  replica's inner_step(state, batch, aux)."""
+  if aux is None:
+    replicas, metrics = jax.vmap(inner_step, spmd_axis_name=spmd_axis_name)(
+        replicas, batch)
+  else:
+    replicas, metrics = jax.vmap(inner_step, in_axes=(0, 0, None),
+                                 spmd_axis_name=spmd_axis_name)(replicas, batch, aux)
   out = {k: jnp.sum(v) if k == "tokens" else jnp.mean(v) for k, v in metrics.items()}
   if "loss" in metrics:
     out["loss_per_replica"] = metrics["loss"]
   return step + 1, replicas, out
 
 
-def inner_update(state: DiLoCoState, batch, *, inner_step: InnerStep,
+def inner_update(state: DiLoCoState, batch, aux=None, *, inner_step: InnerStep,
                  spmd_axis_name: str | None = None):
-  """Every replica takes one inner step (vmapped); batch leaves are [M, B/M, ...]."""
-  step, replicas, metrics = replica_steps(state.step, state.replicas, batch,
+  """Every replica takes one inner step (vmapped); batch leaves are [M, B/M, ...];
+  `aux` is shared by the replicas (see replica_steps)."""
+  step, replicas, metrics = replica_steps(state.step, state.replicas, batch, aux,
                                           inner_step=inner_step,
                                           spmd_axis_name=spmd_axis_name)
   return state.replace(step=step, replicas=replicas), metrics
@@ -283,14 +294,14 @@ def outer_update(state: DiLoCoState, participating: jax.Array, *,
                        inflight=tuple(inflight))
 
 
-def diloco_step(state: DiLoCoState, batch, participating: jax.Array, *,
+def diloco_step(state: DiLoCoState, batch, participating: jax.Array, aux=None, *,
                 inner_step: InnerStep, fragments: Sequence[fr.Fragment],
                 event: fr.Event, outer_tx: optax.GradientTransformation,
                 alpha: float, quantization_format: str = "fp4_e3m0",
                 quant_block: int | None = None, spmd_axis_name: str | None = None):
   """One whole Streaming DiLoCo step as one pure function: inner_update then
   outer_update for `event`."""
-  state, metrics = inner_update(state, batch, inner_step=inner_step,
+  state, metrics = inner_update(state, batch, aux, inner_step=inner_step,
                                 spmd_axis_name=spmd_axis_name)
   state = outer_update(state, participating, fragments=fragments, event=event,
                        outer_tx=outer_tx, alpha=alpha,
@@ -425,7 +436,7 @@ class StreamingDiLoCo:
     return self.schedule.event(step + 1)
 
   def inner_fn(self) -> Callable:
-    """Pure (step, replicas, batch [M, ...]) -> (step, replicas, metrics)."""
+    """Pure (step, replicas, batch [M, ...][, aux]) -> (step, replicas, metrics)."""
     return functools.partial(replica_steps, inner_step=self.inner_step,
                              spmd_axis_name=self.spmd_axis_name)
 
@@ -463,12 +474,14 @@ class StreamingDiLoCo:
     return participating
 
   def train_step(self, state: DiLoCoState, batch, step: int | None = None,
-                 participating=None):
+                 participating=None, aux=None):
     """`step` = inner steps already taken (= state.step), which the host loop
-    knows; None reads state.step from the device (a synchronisation)."""
+    knows; None reads state.step from the device (a synchronisation). `aux`
+    (e.g. a frozen teacher's params) goes to every replica's inner step."""
     if step is None:
       step = int(jax.device_get(state.step))
-    new_step, replicas, metrics = self.compiled_inner()(state.step, state.replicas, batch)
+    args = (state.step, state.replicas, batch) + (() if aux is None else (aux,))
+    new_step, replicas, metrics = self.compiled_inner()(*args)
     state = state.replace(step=new_step, replicas=replicas)
     event = self.event(step)
     if event.sync or event.apply:
@@ -479,7 +492,7 @@ class StreamingDiLoCo:
 @functools.lru_cache(maxsize=16)
 def _jit_inner_cached(inner_step, spmd_axis_name):
   """One jitted inner program per inner step (shared by StreamingDiLoCo
-  instances with the same inner step, e.g. in tests)."""
+  instances with the same inner step, e.g. in tests); aux is not donated."""
   return jax.jit(functools.partial(replica_steps, inner_step=inner_step,
                                    spmd_axis_name=spmd_axis_name),
                  donate_argnums=(0, 1))
