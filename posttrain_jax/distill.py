@@ -10,6 +10,15 @@ KL(teacher || student) and, given an oracle, the golden KL(oracle || student)
 on held-out prompts (`distillation_eval`), written as eval/* TensorBoard
 scalars. Resuming restores the student, the optimizer and every source's
 position, so a preempted run continues exactly where it stopped.
+
+With `diloco`, the student trains under Streaming DiLoCo (`diloco_loop.
+distillation`): M replicas on the mesh's "replica" axis, each taking the
+distillation step on its rows of every batch with the shared frozen teacher.
+As in `train.train`, evaluation (proxy/golden, LM eval) uses the OUTER
+parameters, checkpoints hold the whole DiLoCoState (exact resume mid-window),
+traffic is written as traffic/* scalars, and the online_student source
+samples from the outer parameters (the replicas' own params are not shared
+between syncs).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import os
 
 import jax
 
-from posttrain_jax import params_checkpoint, partitioning
+from posttrain_jax import diloco_loop, params_checkpoint, partitioning
 from posttrain_jax.checkpointing import Checkpointer
 from posttrain_jax.data.dataset_config import DatasetConfig, PromptConfig
 from posttrain_jax.distillation_eval import ProxyGoldenEvaluator, restore_frozen
@@ -33,6 +42,7 @@ from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.progress import ProgressReporter
 from posttrain_jax.sampling import SamplingConfig
+from posttrain_jax.streaming_diloco import DiLoCoConfig
 from posttrain_jax import train as train_lib
 
 
@@ -44,6 +54,7 @@ class DistillResult:
   resumed_from: int | None
   source_counts: dict[str, int]
   preempted: bool = False
+  traffic: dict[str, float] | None = None  # DiLoCo bytes (DiLoCoLoop.traffic)
 
 
 def _prompt_iterator(cfg: PromptConfig):
@@ -94,7 +105,8 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
             keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
             log_every: int = 10, operative_config: str | None = None,
             nonfinite_policy: str = "skip",
-            max_consecutive_nonfinite: int = 10) -> DistillResult:
+            max_consecutive_nonfinite: int = 10,
+            diloco: DiLoCoConfig | None = None) -> DistillResult:
   """Distils a frozen teacher into the student for `num_steps` steps.
 
   Args:
@@ -117,6 +129,8 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
       proxy/golden evaluation on that many held-out prompts every eval_every
       steps and at the end (eval_every 0: only at the end).
     eval_data / eval_batches: also the student's LM loss on a held-out set.
+    diloco: train the student with Streaming DiLoCo (see the module docstring);
+      every batch size must be a multiple of num_replicas x the batch shards.
     Other arguments as `train.train`.
   """
   sources = dict(sources or {"offline": 1.0})
@@ -141,6 +155,14 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
                                 chunk_size=chunk_size, num_microbatches=num_microbatches)
   teacher_params = params_checkpoint.restore_params(
       teacher_checkpoint, trainer.abstract_teacher_params, teacher_config)
+  step_trainer, eval_params = trainer, lambda s: s.params
+  if diloco is not None:
+    sizes = [c.batch_size for n, c in (("offline", offline_data), ("online", prompts))
+             if any(a.startswith(n) for a in active)]
+    step_trainer = diloco_loop.distillation(
+        trainer, diloco, batch_size=sizes, kind=loss, temperature=temperature,
+        beta=beta, chunk_size=chunk_size, num_microbatches=num_microbatches)
+    eval_params = step_trainer.eval_params
 
   sampling = SamplingConfig(max_new_tokens=max_new_tokens,
                             temperature=sampling_temperature)
@@ -161,18 +183,22 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
                               max_to_keep=keep_checkpoints, async_save=async_checkpointing)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
-    state, data_state = checkpointer.restore(resumed_from, trainer.abstract_state)
+    state, data_state = checkpointer.restore(resumed_from, step_trainer.abstract_state)
     data.set_state(data_state["sources"])
     data.counts.update(data_state.get("counts", {}))
     origin = f"resumed from step {resumed_from}"
   elif initial_checkpoint:
-    state = train_lib.state_from_initial_checkpoint(trainer, student_config,
-                                                    initial_checkpoint)
+    state = (train_lib.state_from_initial_checkpoint(trainer, student_config,
+                                                     initial_checkpoint)
+             if diloco is None else step_trainer.state_from_initial_checkpoint(
+                 student_config, initial_checkpoint))
     origin = f"student initialised from {os.path.abspath(initial_checkpoint)}"
   else:
-    state = trainer.init_state(jax.random.key(seed))
+    state = step_trainer.init_state(jax.random.key(seed))
     origin = "student initialised at random"
   start = int(jax.device_get(state.step))
+  if diloco is not None:
+    step_trainer.start(start)
 
   evaluator = None
   if eval_prompts is not None and (eval_every or num_steps > start):
@@ -198,9 +224,9 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
                  f"loss {loss} | mesh {dict(mesh.shape)} | run_dir {run_dir}")
 
   def evaluate(step):
-    metrics = evaluator(state.params) if evaluator is not None else {}
+    metrics = evaluator(eval_params(state)) if evaluator is not None else {}
     if lm_eval_set:
-      lm = train_lib.evaluate(trainer, state.params, lm_eval_set)
+      lm = train_lib.evaluate(trainer, eval_params(state), lm_eval_set)
       metrics.update({f"lm_{k}": v for k, v in lm.items()})
     if metrics:
       eval_metrics[step] = metrics
@@ -216,12 +242,14 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
       if watcher.should_stop(step - 1):
         preempted, step = True, step - 1
         break
-      batch = data.next_batch(step, state.params, teacher_params)
-      state, metrics = trainer.train_step(state, batch, teacher_params)
+      batch = data.next_batch(step, eval_params(state), teacher_params)
+      state, metrics = step_trainer.train_step(state, batch, teacher_params)
       if last is not None:
         guard.observe(last[0], bool(last[1]))
       last = (step, metrics["nonfinite"])
       reporter.update(step, metrics)
+      if diloco is not None and (step % log_every == 0 or step == num_steps):
+        step_trainer.write_traffic(reporter, step)
       checkpointer.save(step, state, _data_state(data), force=step == num_steps)
       if (eval_every and step % eval_every == 0) or step == num_steps:
         evaluate(step)
@@ -233,6 +261,8 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
       checkpointer.wait()
       reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
                      "run the same command to resume")
+    if diloco is not None:
+      reporter.print(step_trainer.summary())
   finally:
     watcher.close()
     reporter.close()
@@ -240,7 +270,8 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
   return DistillResult(final_step=step if preempted else max(start, num_steps),
                        losses=dict(reporter.history), eval_metrics=eval_metrics,
                        resumed_from=resumed_from, source_counts=dict(data.counts),
-                       preempted=preempted)
+                       preempted=preempted,
+                       traffic=step_trainer.traffic() if diloco is not None else None)
 
 
 SOURCE_SEEDS = {"online_teacher": 0, "online_student": 1}
