@@ -3,9 +3,13 @@
 All functions return *sums* over tokens together with the weight sum, so that a
 caller can normalise once over a whole (accumulated) batch: the gradient of a
 batch split into microbatches then equals the gradient of the full batch.
+`chunked_cross_entropy_sums` gives the same sums from hidden states without
+ever materialising the [batch, length, vocab] logits.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +48,53 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
       "weight": jnp.sum(weights),
       "correct": jnp.sum(correct),
   }
+
+
+def chunked_cross_entropy_sums(hidden: Array, targets: Array, weights: Array, *,
+                               head: Callable[[Array], Array], chunk_size: int,
+                               z_loss: float = 0.0) -> dict[str, Array]:
+  """`cross_entropy_sums(head(hidden), ...)` without the [batch, length, vocab] logits.
+
+  Same sums (up to float summation order), computed by a `lax.scan` over
+  sequence chunks: only one [batch, chunk_size, vocab] float32 block of logits
+  is live at a time, and the chunk body is wrapped in `jax.checkpoint`, so the
+  backward pass recomputes each chunk's logits instead of storing them for the
+  whole sequence (the memory saving of e.g. Wijmans et al. 2024, "Cut Your
+  Losses in Large-Vocabulary Language Models", by the simpler chunking route).
+  Gradients w.r.t. `hidden` and whatever `head` closes over are exact.
+
+  Args:
+    hidden: float [batch, length, d] final-normed hidden states.
+    targets: int [batch, length].
+    weights: [batch, length]; 0 masks a position.
+    head: [batch, c, d] -> logits [batch, c, vocab], e.g.
+      functools.partial(model.apply, {"params": p}, method="hidden_to_logits")
+      (tied unembedding + final soft-cap). May close over parameters.
+    chunk_size: positions per chunk; the length is zero-padded (weight 0) to a
+      multiple of it.
+    z_loss: as `cross_entropy_sums`.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  batch, length = targets.shape
+  num_chunks = -(-length // chunk_size)
+  pad = num_chunks * chunk_size - length
+
+  def to_chunks(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  xs = (to_chunks(hidden), to_chunks(targets), to_chunks(weights.astype(jnp.float32)))
+
+  @jax.checkpoint
+  def chunk_sums(h, y, w):
+    return cross_entropy_sums(head(h), y, w, z_loss)
+
+  def body(carry, x):
+    return jax.tree.map(jnp.add, carry, chunk_sums(*x)), None
+
+  init = {k: jnp.zeros((), jnp.float32)
+          for k in ("loss", "cross_entropy", "z_loss", "weight", "correct")}
+  out, _ = jax.lax.scan(body, init, xs)
+  return out

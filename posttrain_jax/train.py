@@ -114,7 +114,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
           initial_checkpoint: str | None = None,
           nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
           profile_steps: tuple[int, int] | None = None,
-          diloco: DiLoCoConfig | None = None) -> TrainResult:
+          diloco: DiLoCoConfig | None = None,
+          loss_chunk_size: int | None = None) -> TrainResult:
   """Trains a decoder LM for `num_steps` optimizer steps.
 
   Args:
@@ -144,10 +145,16 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       into run_dir/profile.
     diloco: train with Streaming DiLoCo (replicas on the mesh's "replica"
       axis, see diloco_loop); evaluation and exports use the outer parameters.
+    loss_chunk_size: form the logits this many positions at a time in the loss
+      (losses.chunked_cross_entropy_sums: same loss and gradients, no
+      [batch, length, vocab] float32 logits); None computes them at once.
 
   SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
   with TrainResult.preempted set; the next start resumes from it.
   """
+  if loss_chunk_size is not None and diloco is not None:
+    raise ValueError("train: loss_chunk_size is not supported with diloco yet; "
+                     "unset train.loss_chunk_size or train.diloco.")
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   profiler = StepProfiler(os.path.join(run_dir, "profile"), profile_steps)
   os.makedirs(run_dir, exist_ok=True)
@@ -158,7 +165,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   schedule, tx = optimizer.build(num_steps)
   if diloco is None:
     trainer = Trainer(Transformer(model_config), tx, schedule, mesh,
-                      num_microbatches=num_microbatches, z_loss=z_loss)
+                      num_microbatches=num_microbatches, z_loss=z_loss,
+                      loss_chunk_size=loss_chunk_size)
     eval_params = lambda s: s.params
   else:
     trainer = diloco_loop.DiLoCoLoop(Transformer(model_config), tx, schedule, mesh,

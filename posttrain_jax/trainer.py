@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from posttrain_jax import partitioning
-from posttrain_jax.losses import cross_entropy_sums
+from posttrain_jax.losses import chunked_cross_entropy_sums, cross_entropy_sums
 
 Batch = dict[str, jax.Array]
 # loss_fn(params, batch, aux) -> (objective summed over the batch, dict of sums
@@ -36,17 +36,29 @@ class TrainState:
   opt_state: Any
 
 
-def _forward(model: nn.Module, params, batch: Batch) -> jax.Array:
+def _forward(model: nn.Module, params, batch: Batch, **kwargs) -> jax.Array:
   return model.apply({"params": params}, batch["decoder_input_tokens"],
                      positions=batch.get("decoder_positions"),
-                     segment_ids=batch.get("decoder_segment_ids"))
+                     segment_ids=batch.get("decoder_segment_ids"), **kwargs)
 
 
-def lm_loss_sums(model: nn.Module, params, batch: Batch, z_loss: float = 0.0):
-  """Summed cross-entropy (+ z-loss) of one batch; see losses.cross_entropy_sums."""
-  logits = _forward(model, params, batch)
-  return cross_entropy_sums(logits, batch["decoder_target_tokens"],
-                            batch["decoder_loss_weights"], z_loss)
+def lm_loss_sums(model: nn.Module, params, batch: Batch, z_loss: float = 0.0,
+                 loss_chunk_size: int | None = None):
+  """Summed cross-entropy (+ z-loss) of one batch; see losses.cross_entropy_sums.
+
+  With loss_chunk_size the model returns hidden states only and the logits are
+  formed loss_chunk_size positions at a time (losses.chunked_cross_entropy_sums:
+  same sums and gradients, no [batch, length, vocab] array).
+  """
+  if loss_chunk_size is None:
+    logits = _forward(model, params, batch)
+    return cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                              batch["decoder_loss_weights"], z_loss)
+  hidden = _forward(model, params, batch, hidden_only=True)
+  head = functools.partial(model.apply, {"params": params}, method="hidden_to_logits")
+  return chunked_cross_entropy_sums(hidden, batch["decoder_target_tokens"],
+                                    batch["decoder_loss_weights"], head=head,
+                                    chunk_size=loss_chunk_size, z_loss=z_loss)
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -118,12 +130,21 @@ def optimizer_step(state: TrainState, batch: Batch, aux=None, *,
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def lm_objective(model: nn.Module, z_loss: float = 0.0) -> LossFn:
+def _check_chunk_size(loss_chunk_size: int | None) -> None:
+  if loss_chunk_size is not None and loss_chunk_size < 1:
+    raise ValueError(f"loss_chunk_size must be >= 1 (or None for the plain loss), "
+                     f"got {loss_chunk_size}.")
+
+
+def lm_objective(model: nn.Module, z_loss: float = 0.0,
+                 loss_chunk_size: int | None = None) -> LossFn:
   """The LM loss as an `optimizer_step` loss_fn: metrics loss (cross-entropy
-  per token), z_loss and accuracy."""
+  per token), z_loss and accuracy. loss_chunk_size: see lm_loss_sums."""
+  _check_chunk_size(loss_chunk_size)
+
   def loss_fn(params, batch, aux=None):
     del aux
-    sums = lm_loss_sums(model, params, batch, z_loss)
+    sums = lm_loss_sums(model, params, batch, z_loss, loss_chunk_size)
     return sums["loss"], {"loss": sums["cross_entropy"], "z_loss": sums["z_loss"],
                           "accuracy": sums["correct"], "weight": sums["weight"]}
   return loss_fn
@@ -132,11 +153,11 @@ def lm_objective(model: nn.Module, z_loss: float = 0.0) -> LossFn:
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                num_microbatches: int = 1, z_loss: float = 0.0,
-               skip_nonfinite: bool = True):
+               skip_nonfinite: bool = True, loss_chunk_size: int | None = None):
   """One LM optimizer step (`optimizer_step` with `lm_objective`)."""
-  return optimizer_step(state, batch, loss_fn=lm_objective(model, z_loss), tx=tx,
-                        schedule=schedule, num_microbatches=num_microbatches,
-                        skip_nonfinite=skip_nonfinite)
+  loss_fn = lm_objective(model, z_loss, loss_chunk_size)
+  return optimizer_step(state, batch, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                        num_microbatches=num_microbatches, skip_nonfinite=skip_nonfinite)
 
 
 class Trainer:
@@ -145,7 +166,9 @@ class Trainer:
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, mesh: jax.sharding.Mesh,
                rules=partitioning.DEFAULT_RULES, num_microbatches: int = 1,
-               z_loss: float = 0.0, skip_nonfinite: bool = True):
+               z_loss: float = 0.0, skip_nonfinite: bool = True,
+               loss_chunk_size: int | None = None):
+    _check_chunk_size(loss_chunk_size)
     self.model, self.tx, self.schedule = model, tx, schedule
     self.mesh, self.rules = mesh, rules
     self.batch_sharding = partitioning.batch_sharding(mesh, rules)
@@ -167,12 +190,12 @@ class Trainer:
     self._train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                           num_microbatches=num_microbatches, z_loss=z_loss,
-                          skip_nonfinite=skip_nonfinite),
+                          skip_nonfinite=skip_nonfinite, loss_chunk_size=loss_chunk_size),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,))
     self._eval = jax.jit(
-        lambda params, batch: lm_loss_sums(model, params, batch, 0.0),
+        lambda params, batch: lm_loss_sums(model, params, batch, 0.0, loss_chunk_size),
         in_shardings=(param_shardings, self.batch_sharding),
         out_shardings=replicated)
 
