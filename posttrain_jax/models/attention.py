@@ -4,6 +4,13 @@ Order of operations (Gemma 2 report; HF `Gemma2Attention`):
   q <- q * query_scale;  s = q k^T;  s <- cap * tanh(s / cap);  mask;  softmax.
 Local layers see keys with 0 <= q_index - k_index < sliding_window_size; packed
 sequences never attend across segments.
+
+`ModelConfig.attention_impl` picks the kernel for attention without a KV cache
+(training, scoring): "xla" is the reference path below; "dot_product_attention"
+calls `jax.nn.dot_product_attention` (causal flag, the window as
+local_window_size = (window - 1, 0), segments as a boolean mask; cuDNN flash
+attention with dpa_implementation="cudnn"), which has no logit soft-cap.
+Decoding with a cache always takes the reference path.
 """
 
 from __future__ import annotations
@@ -43,6 +50,25 @@ def attention_mask(
   if q_segment_ids is not None:
     mask &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
   return mask
+
+
+def dot_product_attention(q: Array, key: Array, value: Array,
+                          segment_ids: Array | None, window: int | None,
+                          implementation: str | None = None) -> Array:
+  """Causal (optionally windowed, packed) attention by jax.nn.dot_product_attention.
+
+  q: [b, t, heads, d] already scaled by query_scale; key, value: [b, t,
+  kv_heads, d] (grouped-query attention when kv_heads < heads). Same result as
+  the reference path without soft-cap: keys with 0 <= q - k < window in the
+  same segment. Returns [b, t, heads, d].
+  """
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(
+      q, key.astype(q.dtype), value.astype(q.dtype), mask=mask, scale=1.0,
+      is_causal=True, local_window_size=None if window is None else (window - 1, 0),
+      implementation=implementation)
 
 
 @flax.struct.dataclass
@@ -113,6 +139,13 @@ class Attention(nn.Module):
     q = q * jnp.asarray(cfg.query_scale, dtype)
 
     batch, length = x.shape[:2]
+    window = cfg.sliding_window_size if self.attention_type == "local" else None
+    if cfg.attention_impl == "dot_product_attention" and cache is None:
+      out = dot_product_attention(q, key, value, segment_ids, window,
+                                  cfg.dpa_implementation)
+      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+      return jnp.einsum("bthk,hkd->btd", out, w_o)
+
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     k_index, k_segment_ids, new_cache = q_index, segment_ids, None
     key = jnp.swapaxes(key, 1, 2)      # [b, kv_heads, t, d]
@@ -139,7 +172,6 @@ class Attention(nn.Module):
                         preferred_element_type=jnp.float32)
     scores = soft_cap(scores, cfg.attn_logits_soft_cap)
 
-    window = cfg.sliding_window_size if self.attention_type == "local" else None
     mask = attention_mask(q_index, k_index, segment_ids, k_segment_ids, window)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)

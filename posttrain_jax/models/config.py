@@ -12,6 +12,8 @@ import jax.numpy as jnp
 ATTENTION_TYPES = ("local", "global")
 QUERY_SCALINGS = ("head_dim", "embed_over_heads")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
+DPA_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,15 @@ class ModelConfig:
     param_dtype: parameter storage dtype name.
     scan_layers: scan over groups of len(attention_pattern) layers.
     remat_policy: one of REMAT_POLICIES.
+    attention_impl: "xla" (the reference einsum + soft-cap + mask path) or
+      "dot_product_attention" (`jax.nn.dot_product_attention`, sliding window
+      through its local_window_size, packing through a segment mask). The
+      latter has no logit soft-cap, so it needs attn_logits_soft_cap = None.
+      Decoding with a KV cache always uses the reference path.
+    dpa_implementation: `implementation` of jax.nn.dot_product_attention:
+      None (jax chooses; XLA in jax 0.10), "xla", or "cudnn" (NVIDIA GPUs,
+      bf16/fp16 flash attention). Only with attention_impl =
+      "dot_product_attention".
   """
 
   vocab_size: int
@@ -63,6 +74,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "xla"
+  dpa_implementation: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
@@ -88,6 +101,24 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       problems.append(f"remat_policy must be one of {REMAT_POLICIES}, got "
                       f"{self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                      f"{self.attention_impl!r}")
+    if self.dpa_implementation not in DPA_IMPLEMENTATIONS:
+      problems.append(f"dpa_implementation must be one of {DPA_IMPLEMENTATIONS}, "
+                      f"got {self.dpa_implementation!r}")
+    elif self.dpa_implementation is not None and self.attention_impl != (
+        "dot_product_attention"):
+      problems.append(f"dpa_implementation={self.dpa_implementation!r} needs "
+                      "attention_impl='dot_product_attention'; set it or unset "
+                      "dpa_implementation")
+    if self.attention_impl == "dot_product_attention" and (
+        self.attn_logits_soft_cap is not None):
+      problems.append(
+          "attention_impl='dot_product_attention' cannot apply attn_logits_soft_cap "
+          f"({self.attn_logits_soft_cap}): jax.nn.dot_product_attention has no "
+          "logit soft-cap; set attn_logits_soft_cap=None (changes the model) or "
+          "attention_impl='xla'")
     if self.scan_layers and self.num_layers % len(self.attention_pattern):
       problems.append(
           f"scan_layers needs num_layers ({self.num_layers}) divisible by "

@@ -258,3 +258,134 @@ def test_attention_bf16_output_dtype():
   ref = run_attention(dataclasses.replace(cfg, dtype="float32"), "local", p,
                       np.asarray(x, np.float32))
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------ attention_impl
+
+
+def _attn_fn(cfg, attention_type, pos, seg):
+  module = Attention(cfg, attention_type)
+  return lambda p, x: module.apply({"params": p}, x, pos, seg)
+
+
+def _packed_inputs(cfg, packed, length=9, seed=1):
+  x = rand(seed, (2, length, cfg.embed_dim))
+  if not packed:
+    return x, np.broadcast_to(np.arange(length, dtype=np.int32), (2, length)), None
+  seg = np.array([[1] * 4 + [2] * 3 + [3] * 2, [1] * length], np.int32)
+  pos = np.array([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(length))], np.int32)
+  return x, pos, seg
+
+
+DPA_CASES = [
+    # (overrides, attention_type, dpa_implementation)
+    (dict(), "global", None),                 # GQA 4 heads / 2 kv heads, causal
+    (dict(), "local", None),                  # sliding window 3
+    (dict(num_kv_heads=4), "local", "xla"),   # MHA
+    (dict(num_kv_heads=1), "global", "xla"),  # MQA
+    (dict(sliding_window_size=1), "local", None),  # window 1: only itself
+]
+
+
+@pytest.mark.parametrize("overrides, attention_type, impl", DPA_CASES)
+def test_dot_product_attention_matches_reference_forward_and_grad(overrides,
+                                                                  attention_type,
+                                                                  impl):
+  ref_cfg = tiny_config(attn_logits_soft_cap=None, **overrides)
+  dpa_cfg = dataclasses.replace(ref_cfg, attention_impl="dot_product_attention",
+                                dpa_implementation=impl)
+  params = jax.tree.map(jnp.asarray, attn_params(ref_cfg, seed=11, scale=3.0))
+  for packed in (False, True):
+    x, pos, seg = _packed_inputs(ref_cfg, packed)
+    ref_fn, dpa_fn = (_attn_fn(c, attention_type, pos, seg) for c in (ref_cfg, dpa_cfg))
+    out_ref = np.asarray(jax.jit(ref_fn)(params, x))
+    out_dpa = np.asarray(jax.jit(dpa_fn)(params, x))
+    np.testing.assert_allclose(out_dpa, out_ref, rtol=1e-5, atol=1e-6)
+    # The reference path is itself checked against float64 numpy above.
+    np.testing.assert_allclose(
+        out_dpa, reference_attention(params, x, pos, seg, ref_cfg, attention_type),
+        rtol=1e-4, atol=1e-5)
+    cot = rand(99, out_ref.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * cot),
+                                       argnums=(0, 1)))(params, x)
+    (gp_ref, gx_ref), (gp_dpa, gx_dpa) = grad(ref_fn), grad(dpa_fn)
+    np.testing.assert_allclose(gx_dpa, gx_ref, rtol=1e-4, atol=1e-6)
+    for name in gp_ref:
+      np.testing.assert_allclose(gp_dpa[name], gp_ref[name], rtol=1e-4, atol=1e-6,
+                                 err_msg=name)
+
+
+def test_dot_product_attention_window_really_applied():
+  # Guards the cases above: with window 3 a key 3 positions back is ignored.
+  cfg = tiny_config(attn_logits_soft_cap=None, attention_impl="dot_product_attention")
+  p = attn_params(cfg, seed=7)
+  x = rand(8, (1, 8, 16))
+  x2 = x.copy()
+  x2[0, 2] += 5.0
+  a = run_attention(cfg, "local", p, x)
+  b = run_attention(cfg, "local", p, x2)
+  np.testing.assert_allclose(a[0, [0, 1, 5, 6, 7]], b[0, [0, 1, 5, 6, 7]], atol=1e-6)
+  assert np.all(np.abs(a[0, [2, 3, 4]] - b[0, [2, 3, 4]]).max(-1) > 1e-5)
+
+
+def test_dot_product_attention_bf16_close_to_reference_bf16():
+  ref_cfg = tiny_config(attn_logits_soft_cap=None, dtype="bfloat16")
+  dpa_cfg = dataclasses.replace(ref_cfg, attention_impl="dot_product_attention")
+  p = attn_params(ref_cfg, seed=9)
+  x = rand(1, (2, 9, 16)).astype(jnp.bfloat16)
+  out_ref = run_attention(ref_cfg, "local", p, x)
+  out_dpa = run_attention(dpa_cfg, "local", p, x)
+  assert out_dpa.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out_dpa, np.float32),
+                             np.asarray(out_ref, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_transformer_logits_and_grads_equal_across_attention_impls():
+  from posttrain_jax.models import Transformer  # pylint: disable=import-outside-toplevel
+  ref_cfg = tiny_config(attn_logits_soft_cap=None, num_layers=2, vocab_size=40)
+  dpa_cfg = dataclasses.replace(ref_cfg, attention_impl="dot_product_attention")
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 9)), jnp.int32)
+  _, pos, seg = _packed_inputs(ref_cfg, True)
+  params = nn.unbox(Transformer(ref_cfg).init(jax.random.key(0), tokens)["params"])
+  loss = lambda cfg: jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.square(
+      Transformer(cfg).apply({"params": p}, tokens, pos, seg)))))
+  (l_ref, g_ref), (l_dpa, g_dpa) = loss(ref_cfg)(params), loss(dpa_cfg)(params)
+  np.testing.assert_allclose(l_dpa, l_ref, rtol=1e-5)
+  # float32 summation-order noise only (gradients here are O(10)).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4),
+               g_dpa, g_ref)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(attention_impl="dot_product_attention"), "attn_logits_soft_cap=None"),
+    (dict(attention_impl="flash"), "attention_impl must be one of"),
+    (dict(attn_logits_soft_cap=None, dpa_implementation="cudnn"),
+     "needs attention_impl='dot_product_attention'"),
+    (dict(attn_logits_soft_cap=None, attention_impl="dot_product_attention",
+          dpa_implementation="pallas"), "dpa_implementation must be one of"),
+])
+def test_attention_impl_config_errors(overrides, needle):
+  with pytest.raises(ValueError, match="Invalid ModelConfig") as err:
+    tiny_config(**overrides)
+  assert needle in str(err.value)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("attention_type", ["local", "global"])
+def test_cudnn_matches_reference_on_gpu(attention_type):
+  ref_cfg = tiny_config(attn_logits_soft_cap=None, dtype="bfloat16", head_dim=64,
+                        sliding_window_size=5)
+  dpa_cfg = dataclasses.replace(ref_cfg, attention_impl="dot_product_attention",
+                                dpa_implementation="cudnn")
+  p = jax.tree.map(jnp.asarray, attn_params(ref_cfg, seed=2))
+  for packed in (False, True):
+    x, pos, seg = _packed_inputs(ref_cfg, packed)
+    x = jnp.asarray(x, jnp.bfloat16)
+    ref_fn, dpa_fn = (_attn_fn(c, attention_type, pos, seg) for c in (ref_cfg, dpa_cfg))
+    np.testing.assert_allclose(np.asarray(jax.jit(dpa_fn)(p, x), np.float32),
+                               np.asarray(jax.jit(ref_fn)(p, x), np.float32),
+                               rtol=2e-2, atol=2e-2)
+    grad = lambda fn: jax.jit(jax.grad(lambda p: jnp.sum(fn(p, x).astype(jnp.float32))))(p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=5e-2, atol=5e-2),
+                 grad(dpa_fn), grad(ref_fn))
