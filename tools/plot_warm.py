@@ -1,6 +1,7 @@
 """Plots and tabulates the WARM experiment (tools/run_warm.sh).
 
-  python tools/plot_warm.py --root runs/warm_rl --out_dir docs/experiments
+  python tools/plot_warm.py --root runs/warm_rl --out_dir docs/experiments \
+      [--out_name warm_curves.png]
 
 Reads the TensorBoard scalars of the two RL runs under --root (policy_single:
 REINFORCE against one proxy reward model; policy_warm: against the WARM
@@ -8,7 +9,7 @@ average), both for the training batches (`reward`, `gold_reward`, `kl_sft`:
 means over each logging window) and for the held-out prompts (`eval/reward`,
 `eval/gold_reward`, `eval/kl_sft`), and writes
 
-  warm_curves.png   proxy reward, gold reward and KL(pi || pi_sft) vs step, and
+  warm_curves.png   (--out_name) proxy reward, gold reward and KL(pi || pi_sft) vs step, and
                     gold reward vs KL, for both runs (lines: training batches,
                     markers: held-out eval)
 
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--root", default="runs/warm_rl")
   parser.add_argument("--out_dir", default="docs/experiments")
+  parser.add_argument("--out_name", default="warm_curves.png", help="the figure's file name")
   args = parser.parse_args(argv)
   runs = {}
   for name in RUNS:
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
           f"(expected {' and '.join(RUNS)}; run bash tools/run_warm.sh)", file=sys.stderr)
     return 2
   os.makedirs(args.out_dir, exist_ok=True)
-  path = os.path.join(args.out_dir, "warm_curves.png")
+  path = os.path.join(args.out_dir, args.out_name)
   plot(runs, path)
   print(f"wrote {path}")
   for source in SOURCES:

@@ -9,7 +9,7 @@
 # policy_warm report.
 #   sft            the SFT policy = the LM quickstart (runs/lm_quickstart; kept if it exists)
 #   data           preference pairs sampled from the SFT policy, labelled by the gold
-#                  reward: 1024 train prompts with 25% flipped labels, 128 clean
+#                  reward: 1024 train prompts with 25% flipped labels, 100 clean
 #                  validation prompts
 #   rm             WARM members 0, 1, 2 (gin/experiments/warm_rl/member_*.gin);
 #                  member 0 is also the single proxy reward model
@@ -22,12 +22,21 @@
 # Finished stages are skipped (training runs resume from their checkpoints;
 # existing datasets, reward models and merges are kept), so the script can be
 # re-run after an interruption. Outputs under runs/warm_rl.
+#
+# Variants of the two RL runs (same reward models): RL_ROOT (default
+# runs/warm_rl) holds policy_single/ and policy_warm/, RL_ARGS adds gin flags to
+# both, PLOT_NAME names the figure (default warm_curves.png), e.g.
+#   RL_ROOT=runs/warm_rl/seed1 RL_ARGS="--gin.train_policy.seed=1" \
+#     PLOT_NAME=warm_curves_seed1.png bash tools/run_warm.sh policy_single policy_warm report
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=runs/warm_rl
 GIN=gin/experiments/warm_rl
 SFT=runs/lm_quickstart
 PY=${PYTHON:-python}
+RL_ROOT=${RL_ROOT:-$ROOT}
+RL_ARGS=${RL_ARGS:-}
+PLOT_NAME=${PLOT_NAME:-warm_curves.png}
 mkdir -p "$ROOT/rm"
 
 label() {  # label NAME SPLIT PROMPTS NOISE SEED
@@ -56,7 +65,7 @@ stage() {
       $PY -m posttrain_jax.main --gin_file=gin/experiments/lm_quickstart.gin ;;
     data)
       label train train 1024 0.25 0
-      label validation validation 128 0.0 1 ;;
+      label validation validation 100 0.0 1 ;;
     rm)
       for m in 0 1 2; do
         if [ -d "$ROOT/rm/member_$m/reward_model" ]; then
@@ -76,9 +85,10 @@ stage() {
         score "WARM (M=3)" "$ROOT/rm/warm"; } 2>"$ROOT/score.log" | tee "$ROOT/rm_scores.txt" ;;
     policy_single|policy_warm)
       echo "== $1"
-      $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin" ;;
+      # shellcheck disable=SC2086  # RL_ARGS is a list of flags
+      $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin" --gin.RUN_DIR="'$RL_ROOT/$1'" $RL_ARGS ;;
     report)
-      $PY tools/plot_warm.py --root "$ROOT" --out_dir docs/experiments ;;
+      $PY tools/plot_warm.py --root "$RL_ROOT" --out_dir docs/experiments --out_name "$PLOT_NAME" ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }

@@ -62,9 +62,9 @@ def _row(out, source, label):
 
 
 def test_table_and_png(root, tmp_path):
-  proc = _run("--root", root, "--out_dir", str(tmp_path))
+  proc = _run("--root", root, "--out_dir", str(tmp_path), "--out_name", "w.png")
   assert proc.returncode == 0, proc.stderr
-  png = tmp_path / "warm_curves.png"
+  png = tmp_path / "w.png"
   assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Train scalars: the single RM's gold peaks at step 100 and drops 0.2 by step 200.
   single = _row(proc.stdout, "train", "single RM (member 0)")
