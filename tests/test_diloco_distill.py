@@ -183,6 +183,12 @@ def test_gin_distill_streaming_evaluates_outer_params_and_resumes_exactly(models
   t = full.traffic  # fragment 1 synced at step 2 (and 6), fragment 0 at step 4
   assert t["replica_bytes"] > 0 and t["sent_bytes"] == 2 * t["replica_bytes"]
   assert t["dp_ratio"] > 4 * 8 * 0.9 / 2  # fp4 (8x), each fragment once per H = 4
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "full"))
+  acc.Reload()
+  assert {"traffic/sent_bytes", "traffic/peak_step_bytes", "traffic/dp_ratio",
+          "eval/proxy_kl", "eval/golden_kl", "loss"} <= set(acc.Tags()["tensors"])
+  assert [e.step for e in acc.Tensors("traffic/sent_bytes")] == [2, 4, 6]
 
   # the checkpoint holds the whole DiLoCo state; the LM eval is of θ̃, not a replica
   location = params_checkpoint.locate(str(tmp_path / "full"))
