@@ -1,31 +1,45 @@
-"""Train-step throughput benchmark on synthetic tokens.
+"""Train-step throughput benchmark on synthetic tokens, optionally against transformers.
 
   python tools/bench_train.py --model=tiny --batch_size=8 --seq_len=512
   python tools/bench_train.py --gin_file=gin/models/gemma2_2b.gin \
       --gin.ModelConfig.num_layers=2 --batch_size=4 --seq_len=2048 \
       --ici=fsdp=-1 --remat=full --steps=10 --warmup=2 [--json]
+  python tools/bench_train.py --model=tiny --peer=hf [--peer_compile] \
+      [--step=train|distill|forward] [--loss_chunk_size=N] \
+      [--attention_impl=dot_product_attention --no_attn_soft_cap]
 
 Builds a `Trainer` (AdamW, default OptimizerConfig) on a mesh over all
-devices, compiles the train step ahead of time (lower + compile, timed as
+devices, compiles the step ahead of time (lower + compile, timed as
 "compile s"), runs `--warmup` steps, then times `--steps` steps on
 pre-sharded random-token batches (numpy; no TensorFlow/seqio) and blocks on
-the final state and metrics. Prints a markdown table with one row, or with
-`--json` the row as one JSON line:
+the final state and metrics. `--step` picks what is timed: `train` (the LM
+optimizer step), `distill` (DistillationTrainer: a frozen teacher's forward
+plus the student's step on the forward KL; the teacher is the same model
+unless `--teacher_model`), `forward` (forward + cross-entropy, no gradient).
+`--peer=hf` also runs transformers' Gemma2ForCausalLM (torch; same shape,
+same weights via hf_gemma2.params_to_hf, same batches, AdamW) in the same
+process, eagerly and with `--peer_compile` also under torch.compile, before
+ours (so torch's memory is released before JAX allocates), and adds the
+column "ours / this" (our tokens/s over that row's). Prints a markdown table
+with one row per engine, or with `--json` each row as one JSON line:
 
   tokens/s        global tokens (batch x seq) per second
   step ms         wall time per optimizer step
   model TFLOP/s   ModelConfig.flops_per_token(seq_len) x tokens/s / devices
-                  (per device; 6N + causal attention, no remat recompute)
+                  (per device; 6N + causal attention, no remat recompute;
+                  forward: a third of it; distill: student + teacher/3)
   MFU             model TFLOP/s / peak, peak from --peak_tflops or a table of
                   dense bf16 peaks by device kind; "n/a" when unknown (CPU)
   peak mem        max over devices of memory_stats()["peak_bytes_in_use"], or
                   the process's max RSS ("host RSS") where devices report none
+                  (the peer: torch.cuda.max_memory_allocated, or the RSS)
 
 The model comes from `--model=NAME` (tiny, 2b, 9b, 27b or a .gin path), read
 by a literal parser of `ModelConfig.FIELD = VALUE` lines that needs no gin, or
 from `--gin_file` / `--gin.ModelConfig.FIELD=VALUE` (needs gin-config; with
 both, the preset is the first gin file). `--remat`, `--dtype`,
-`--param_dtype` and `--scan_layers` override the model's settings.
+`--param_dtype`, `--scan_layers`, `--attention_impl`, `--dpa_implementation`
+and `--no_attn_soft_cap` override the model's settings.
 Configuration errors print one line and exit with status 2.
 """
 
@@ -40,20 +54,25 @@ import resource
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_TOOLS)
+for _path in (_REPO, _TOOLS):  # posttrain_jax; bench_peer_hf (for --peer)
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import flax.linen as nn
+
 from posttrain_jax import partitioning
+from posttrain_jax.distillation_trainer import DistillationTrainer
 from posttrain_jax.models import ModelConfig, Transformer, presets
-from posttrain_jax.models.config import REMAT_POLICIES
+from posttrain_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.trainer import Trainer
+from posttrain_jax.trainer import Trainer, TrainState
 
 try:  # gin-config is optional: --model works without it.
   from posttrain_jax import cli
@@ -84,6 +103,9 @@ PEAK_TFLOPS = (
     ("tpu v5", 459.0),
     ("tpu v4", 275.0),
 )
+
+
+STEPS = ("train", "distill", "forward")
 
 
 def peak_tflops_for(device_kind: str) -> float | None:
@@ -131,8 +153,8 @@ def _gin_model_config(flags) -> ModelConfig:
   return cli.call(configurable)
 
 
-def build_model_config(args, flags) -> tuple[ModelConfig, str]:
-  """ModelConfig and a display name from --model / gin flags / overrides."""
+def build_model_config(args, flags) -> tuple[ModelConfig, ModelConfig, str]:
+  """Student and teacher ModelConfig and a display name from --model / gin flags / overrides."""
   use_gin = bool(flags.gin_files or flags.bindings)
   name = args.model or ("tiny" if not use_gin else "")
   try:
@@ -150,17 +172,30 @@ def build_model_config(args, flags) -> tuple[ModelConfig, str]:
     else:
       cfg = ModelConfig(**read_model_gin(model_gin_path(name)))
       name = os.path.splitext(os.path.basename(name))[0].replace("gemma2_", "")
-    overrides = {k: v for k, v in (("remat_policy", args.remat), ("dtype", args.dtype),
-                                   ("param_dtype", args.param_dtype),
-                                   ("scan_layers", args.scan_layers)) if v is not None}
-    if overrides:
-      cfg = dataclasses.replace(cfg, **overrides)
+    cfg = _with_overrides(cfg, args)
+    teacher = cfg
+    if args.teacher_model:
+      teacher = ModelConfig(**read_model_gin(model_gin_path(args.teacher_model)))
+      teacher = _with_overrides(teacher, args, ("dtype", "param_dtype"))
   except (ValueError, TypeError) as e:
     text = str(e)
     if cli is not None:
       text = cli.strip_gin_context(text)
     raise ConfigError(text) from e
-  return cfg, name
+  return cfg, teacher, name
+
+
+def _with_overrides(cfg: ModelConfig, args, only=None) -> ModelConfig:
+  overrides = {k: v for k, v in (
+      ("remat_policy", args.remat), ("dtype", args.dtype),
+      ("param_dtype", args.param_dtype), ("scan_layers", args.scan_layers),
+      ("attention_impl", args.attention_impl),
+      ("dpa_implementation", args.dpa_implementation)) if v is not None}
+  if args.no_attn_soft_cap:
+    overrides["attn_logits_soft_cap"] = None
+  if only is not None:
+    overrides = {k: v for k, v in overrides.items() if k in only}
+  return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 def parse_parallelism(text: str, flag: str) -> dict[str, int]:
@@ -206,6 +241,29 @@ def parse_args(rest):
                  help="override ModelConfig.scan_layers (true/false)")
   p.add_argument("--peak_tflops", type=float, default=None,
                  help="peak TFLOP/s per device for MFU (default: by device kind)")
+  p.add_argument("--step", choices=STEPS, default="train", help="what to time")
+  p.add_argument("--teacher_model", default=None,
+                 help="--step=distill: teacher preset or .gin (default: the student's)")
+  p.add_argument("--loss_chunk_size", type=int, default=None,
+                 help="chunked loss: logits for this many positions at a time")
+  p.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default=None,
+                 help="override ModelConfig.attention_impl")
+  p.add_argument("--dpa_implementation", choices=("xla", "cudnn"), default=None,
+                 help="override ModelConfig.dpa_implementation")
+  p.add_argument("--no_attn_soft_cap", action="store_true",
+                 help="set attn_logits_soft_cap=None (changes the model; needed by "
+                      "--attention_impl=dot_product_attention)")
+  p.add_argument("--peer", choices=("hf",), default=None,
+                 help="also time transformers' Gemma2 (torch) in this run")
+  p.add_argument("--peer_compile", action="store_true",
+                 help="add a peer row under torch.compile")
+  p.add_argument("--peer_no_eager", action="store_true",
+                 help="skip the eager peer row (with --peer_compile)")
+  p.add_argument("--peer_attn", default="eager",
+                 help="transformers attn_implementation (eager, sdpa, flex_attention)")
+  p.add_argument("--peer_device", default=None, help="torch device (default cuda if any)")
+  p.add_argument("--peer_threads", type=int, default=None,
+                 help="torch.set_num_threads for the peer (default: torch's)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="print the row as one JSON line")
   args = p.parse_args(rest)
@@ -214,6 +272,14 @@ def parse_args(rest):
       raise ConfigError(f"--{name} must be positive, got {getattr(args, name)}.")
   if args.warmup < 0:
     raise ConfigError(f"--warmup must be >= 0, got {args.warmup}.")
+  if args.loss_chunk_size is not None and args.loss_chunk_size <= 0:
+    raise ConfigError(f"--loss_chunk_size must be positive, got {args.loss_chunk_size}.")
+  if args.loss_chunk_size is not None and args.step == "forward":
+    raise ConfigError("--loss_chunk_size applies to --step=train or distill, not forward.")
+  if args.teacher_model and args.step != "distill":
+    raise ConfigError("--teacher_model needs --step=distill.")
+  if args.peer_no_eager and not args.peer_compile:
+    raise ConfigError("--peer_no_eager leaves no peer row; add --peer_compile.")
   return args
 
 
@@ -244,7 +310,127 @@ def peak_memory() -> tuple[int | None, str]:
   return int(rss if sys.platform == "darwin" else rss * 1024), "host RSS"
 
 
-def benchmark(args, cfg: ModelConfig, model_name: str) -> dict:
+def host_params(cfg: ModelConfig, seed: int):
+  """Random parameters initialised on the host CPU (shared with the peer)."""
+  model = Transformer(cfg)
+  init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, 1), jnp.int32))["params"]))
+  with jax.default_device(jax.devices("cpu")[0]):
+    return jax.device_get(init(jax.random.key(seed)))
+
+
+def step_flops_per_token(args, cfg: ModelConfig, teacher: ModelConfig) -> float:
+  train = cfg.flops_per_token(args.seq_len)
+  if args.step == "forward":
+    return train / 3
+  if args.step == "distill":
+    return train + teacher.flops_per_token(args.seq_len) / 3
+  return train
+
+
+def _compiled_step(args, trainer, abstract_batch):
+  """(compiled step, compile s, run) with run(compiled, state, batch, aux) ->
+  (state, scalar loss)."""
+  # pylint: disable=protected-access  # the jitted steps the trainers run
+  t0 = time.perf_counter()
+  with trainer._context():
+    if args.step == "train":
+      lowered = trainer._train.lower(trainer.abstract_state, abstract_batch)
+    elif args.step == "distill":
+      lowered = trainer._distill.lower(trainer.abstract_state, abstract_batch,
+                                       trainer.abstract_teacher_params)
+    else:
+      lowered = trainer._eval.lower(trainer.abstract_state.params, abstract_batch)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  if args.step == "train":
+    run = lambda state, batch, aux: compiled(state, batch)
+  elif args.step == "distill":
+    run = compiled
+  else:
+    def run(state, batch, aux):
+      del aux
+      sums = compiled(state.params, batch)
+      return state, {"loss": sums["cross_entropy"] / sums["weight"]}
+  return run, compile_s
+
+
+def run_ours(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
+             host=None) -> dict:
+  """Times our step; `host` = {"params", "teacher"} host weights (else random init)."""
+  schedule, tx = OptimizerConfig().build(args.warmup + args.steps)
+  if args.step == "distill":
+    trainer = DistillationTrainer(cfg, teacher, tx, schedule, mesh,
+                                  chunk_size=args.loss_chunk_size,
+                                  num_microbatches=args.num_microbatches)
+  else:
+    trainer = Trainer(Transformer(cfg), tx, schedule, mesh,
+                      num_microbatches=args.num_microbatches,
+                      loss_chunk_size=args.loss_chunk_size)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+  abstract_batch = {
+      k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dtype,
+                              sharding=trainer.batch_sharding)
+      for k, dtype in (("decoder_input_tokens", jnp.int32),
+                       ("decoder_target_tokens", jnp.int32),
+                       ("decoder_loss_weights", jnp.float32))}
+  run, compile_s = _compiled_step(args, trainer, abstract_batch)
+
+  aux = None
+  if host is None:
+    state = trainer.init_state(jax.random.key(args.seed))
+    if args.step == "distill":
+      aux = trainer.init_teacher(jax.random.key(args.seed + 1))
+  else:
+    init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p))
+    with trainer._context():  # pylint: disable=protected-access
+      state = jax.jit(init, out_shardings=trainer.state_shardings)(
+          jax.device_put(host["params"], trainer.param_shardings))
+    if args.step == "distill":
+      aux = jax.device_put(host["teacher"], trainer.teacher_shardings)
+  batches = [trainer.shard_batch(b) for b in batches_np]
+  jax.block_until_ready((state, aux, batches))
+
+  metrics = None
+  for i in range(args.warmup):
+    state, metrics = run(state, batches[i % 2], aux)
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for i in range(args.steps):
+    state, metrics = run(state, batches[i % 2], aux)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.perf_counter() - t0
+  mem, mem_source = peak_memory()
+  engine = f"posttrain_jax ({cfg.attention_impl}"
+  engine += f"/{cfg.dpa_implementation})" if cfg.dpa_implementation else ")"
+  if args.loss_chunk_size:
+    engine += f" loss chunk {args.loss_chunk_size}"
+  devices = jax.devices()
+  return {
+      "engine": engine,
+      "backend": jax.default_backend(),
+      "devices": len(devices),
+      "device_kind": devices[0].device_kind,
+      "mesh": {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1},
+      "params": num_params,
+      "remat": cfg.remat_policy,
+      "scan_layers": cfg.scan_layers,
+      "attention_impl": cfg.attention_impl,
+      "dpa_implementation": cfg.dpa_implementation,
+      "loss_chunk_size": args.loss_chunk_size,
+      "num_microbatches": args.num_microbatches,
+      "steps": args.steps,
+      "warmup": args.warmup,
+      "elapsed_s": elapsed,
+      "step_ms": elapsed / args.steps * 1e3,
+      "peak_memory_bytes": mem,
+      "peak_memory_source": mem_source,
+      "compile_s": compile_s,
+      "loss": float(metrics["loss"]),
+  }
+
+
+def benchmark(args, cfg: ModelConfig, teacher: ModelConfig, model_name: str) -> list[dict]:
+  """Rows: ours first, then the peer's (which run before ours)."""
   mesh = partitioning.create_mesh(parse_parallelism(args.ici, "ici"),
                                   parse_parallelism(args.dcn, "dcn"))
   dp = math.prod(mesh.shape[a] for a in ("replica", "data", "fsdp"))
@@ -255,74 +441,55 @@ def benchmark(args, cfg: ModelConfig, model_name: str) -> dict:
   if args.batch_size % jax.process_count():
     raise ConfigError(f"--batch_size {args.batch_size} must be divisible by the "
                       f"{jax.process_count()} processes.")
-  schedule, tx = OptimizerConfig().build(args.warmup + args.steps)
-  trainer = Trainer(Transformer(cfg), tx, schedule, mesh,
-                    num_microbatches=args.num_microbatches)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
-
-  abstract_batch = {
-      k: jax.ShapeDtypeStruct((args.batch_size, args.seq_len), dtype,
-                              sharding=trainer.batch_sharding)
-      for k, dtype in (("decoder_input_tokens", jnp.int32),
-                       ("decoder_target_tokens", jnp.int32),
-                       ("decoder_loss_weights", jnp.float32))}
-  t0 = time.perf_counter()
-  compiled = trainer.lower_train_step(trainer.abstract_state, abstract_batch).compile()
-  compile_s = time.perf_counter() - t0
-
-  state = trainer.init_state(jax.random.key(args.seed))
+  if args.peer and jax.process_count() > 1:
+    raise ConfigError("--peer runs on one host; drop it for multi-host runs.")
   rng = np.random.default_rng(args.seed + jax.process_index())
-  rows = args.batch_size // jax.process_count()
-  batches = [trainer.shard_batch(synthetic_batch(rng, rows, args.seq_len, cfg.vocab_size))
+  rows_per_process = args.batch_size // jax.process_count()
+  batches = [synthetic_batch(rng, rows_per_process, args.seq_len, cfg.vocab_size)
              for _ in range(2)]
-  jax.block_until_ready((state, batches))
 
-  metrics = None
-  for i in range(args.warmup):
-    state, metrics = compiled(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
-  t0 = time.perf_counter()
-  for i in range(args.steps):
-    state, metrics = compiled(state, batches[i % 2])
-  jax.block_until_ready((state, metrics))
-  elapsed = time.perf_counter() - t0
+  host, peers = None, []
+  if args.peer:
+    try:
+      import bench_peer_hf  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ConfigError(f"--peer=hf needs torch and transformers ({e}).") from e
+    host = {"params": host_params(cfg, args.seed)}
+    if args.step == "distill":
+      host["teacher"] = host_params(teacher, args.seed + 1)
+    modes = ([] if args.peer_no_eager else [False]) + ([True] if args.peer_compile else [])
+    for compile_ in modes:
+      peers.append(bench_peer_hf.run_peer(
+          args.step, cfg, host["params"], batches, steps=args.steps,
+          warmup=max(args.warmup, 1), optimizer=OptimizerConfig(), compile=compile_,
+          attn=args.peer_attn, device=args.peer_device, threads=args.peer_threads,
+          teacher_cfg=teacher,
+          teacher_params=host.get("teacher")))
+  ours = run_ours(args, cfg, teacher, mesh, batches, host)
 
-  devices = jax.devices()
-  tokens_per_s = args.batch_size * args.seq_len * args.steps / elapsed
-  tflops = cfg.flops_per_token(args.seq_len) * tokens_per_s / len(devices) / 1e12
-  kind = devices[0].device_kind
+  flops = step_flops_per_token(args, cfg, teacher)
+  kind = ours["device_kind"]
   peak = args.peak_tflops if args.peak_tflops else peak_tflops_for(kind)
-  mem, mem_source = peak_memory()
-  return {
-      "backend": jax.default_backend(),
-      "devices": len(devices),
-      "device_kind": kind,
-      "mesh": {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1},
-      "model": model_name,
-      "params": num_params,
-      "dtype": cfg.dtype,
-      "param_dtype": cfg.param_dtype,
-      "remat": cfg.remat_policy,
-      "scan_layers": cfg.scan_layers,
-      "batch_size": args.batch_size,
-      "seq_len": args.seq_len,
-      "num_microbatches": args.num_microbatches,
-      "steps": args.steps,
-      "warmup": args.warmup,
-      "tokens_per_s": tokens_per_s,
-      "step_ms": elapsed / args.steps * 1e3,
-      "flops_per_token": cfg.flops_per_token(args.seq_len),
-      "model_tflops_per_device": tflops,
-      "peak_tflops": peak,
-      "mfu_percent": 100.0 * tflops / peak if peak else None,
-      "peak_memory_bytes": mem,
-      "peak_memory_source": mem_source,
-      "compile_s": compile_s,
-      "loss": float(metrics["loss"]),
-      "jax_version": jax.__version__,
-      "tensorflow_imported": "tensorflow" in sys.modules,
-      "seqio_imported": "seqio" in sys.modules,
-  }
+  rows = []
+  for row in [ours] + peers:
+    tokens_per_s = args.batch_size * args.seq_len * args.steps / row.pop("elapsed_s")
+    tflops = flops * tokens_per_s / row["devices"] / 1e12
+    row_peak = peak if row is ours else (
+        args.peak_tflops or peak_tflops_for(row["device_kind"]))
+    rows.append({
+        "step": args.step, "model": model_name, "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, **row, "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops, "model_tflops_per_device": tflops,
+        "peak_tflops": row_peak,
+        "mfu_percent": 100.0 * tflops / row_peak if row_peak else None})
+  for row in rows[1:]:
+    row["ours_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
+  for row in rows:
+    row.update(jax_version=jax.__version__,
+               tensorflow_imported="tensorflow" in sys.modules,
+               seqio_imported="seqio" in sys.modules)
+  return rows
 
 
 # ---------------------------------------------------------------------------
@@ -335,15 +502,17 @@ def _human(n: float) -> str:
   return str(int(n))
 
 
-def table(row: dict) -> str:
+def _cells(row: dict, with_ratio: bool) -> list[tuple[str, str]]:
   mfu = "n/a" if row["mfu_percent"] is None else f"{row['mfu_percent']:.1f}%"
   mem = row["peak_memory_bytes"]
   mem = "n/a" if mem is None else f"{mem / 2**30:.2f} GiB ({row['peak_memory_source']})"
   cells = [
+      ("engine", row["engine"]),
+      ("step", row["step"]),
       ("backend", row["backend"]),
       ("devices", str(row["devices"])),
       ("device kind", row["device_kind"]),
-      ("mesh", ",".join(f"{k}={v}" for k, v in row["mesh"].items())),
+      ("mesh", ",".join(f"{k}={v}" for k, v in row["mesh"].items()) or "-"),
       ("model", row["model"]),
       ("params", _human(row["params"])),
       ("batch x seq", f"{row['batch_size']} x {row['seq_len']}"),
@@ -354,11 +523,20 @@ def table(row: dict) -> str:
       ("peak mem", mem),
       ("compile s", f"{row['compile_s']:.1f}"),
   ]
-  widths = [max(len(h), len(v)) for h, v in cells]
+  if with_ratio:
+    ratio = row.get("ours_speedup")
+    cells.append(("ours / this", "-" if ratio is None else f"{ratio:.2f}x"))
+  return cells
+
+
+def table(rows: list[dict]) -> str:
+  cells = [_cells(r, len(rows) > 1) for r in rows]
+  widths = [max(len(cells[0][i][0]), *(len(r[i][1]) for r in cells))
+            for i in range(len(cells[0]))]
   line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
-  return "\n".join([line([h for h, _ in cells]),
-                    "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                    line([v for _, v in cells])])
+  return "\n".join([line([h for h, _ in cells[0]]),
+                    "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                   + [line([v for _, v in r]) for r in cells])
 
 
 def main(argv) -> int:
@@ -366,14 +544,14 @@ def main(argv) -> int:
   args = parse_args(flags.rest)
   if (flags.gin_files or flags.bindings) and cli is None:
     raise ConfigError("gin-config is not installed; use --model=NAME.")
-  cfg, name = build_model_config(args, flags)
+  cfg, teacher, name = build_model_config(args, flags)
   try:
-    row = benchmark(args, cfg, name)
+    rows = benchmark(args, cfg, teacher, name)
   except ValueError as e:
     if "Invalid ModelConfig" in str(e) or "parallelism" in str(e):
       raise ConfigError(str(e)) from e
     raise
-  print(json.dumps(row) if args.json else table(row), flush=True)
+  print("\n".join(json.dumps(r) for r in rows) if args.json else table(rows), flush=True)
   return 0
 
 
