@@ -487,8 +487,8 @@ def benchmark(args, cfg: ModelConfig, teacher: ModelConfig, model_name: str) -> 
     row["ours_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
   for row in rows:
     row.update(jax_version=jax.__version__,
-               tensorflow_imported="tensorflow" in sys.modules,
-               seqio_imported="seqio" in sys.modules)
+               tensorflow_imported=sys.modules.get("tensorflow") is not None,
+               seqio_imported=sys.modules.get("seqio") is not None)
   return rows
 
 

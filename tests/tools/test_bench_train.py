@@ -104,3 +104,88 @@ def test_config_errors_exit_2_with_one_line():
     assert proc.returncode == 2, (args, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def _json_rows(proc):
+  assert proc.returncode == 0, proc.stderr
+  return [json.loads(line) for line in proc.stdout.strip().splitlines()]
+
+
+def _have_peer():
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+TINY2 = ["--gin_file=gin/models/gemma2_tiny.gin", "--gin.ModelConfig.num_layers=2"]
+PEER_SMALL = ["--batch_size=2", "--seq_len=16", "--steps=2", "--warmup=1"]
+
+
+def test_forward_step_peer_same_weights_same_loss_without_tensorflow():
+  if not _have_peer():
+    import pytest  # pylint: disable=import-outside-toplevel
+    pytest.skip("torch/transformers not installed")
+  # Hide TensorFlow: the tool (and its peer) must not need it.
+  proc = _run([*TINY2, *PEER_SMALL, "--step=forward", "--peer=hf", "--peer_threads=1",
+               "--json"], prelude="sys.modules['tensorflow'] = None")
+  ours, peer = _json_rows(proc)
+  assert ours["engine"].startswith("posttrain_jax") and ours["step"] == "forward"
+  assert peer["engine"].startswith("transformers") and "eager" in peer["engine"]
+  # Same weights and batches: the forward loss agrees (fp32).
+  assert abs(ours["loss"] - peer["loss"]) < 1e-4 * abs(ours["loss"]), (ours, peer)
+  assert peer["ours_speedup"] == ours["tokens_per_s"] / peer["tokens_per_s"]
+  assert peer["params"] == ours["params"]
+  # forward FLOPs are a third of the train step's
+  assert ours["flops_per_token"] * 3 == _train_flops_tiny2(16)
+  for row in (ours, peer):
+    assert row["tensorflow_imported"] is False and row["seqio_imported"] is False
+
+
+def _train_flops_tiny2(seq_len):
+  code = (f"import runpy; mod = runpy.run_path({TOOL!r}); "
+          "from posttrain_jax.models import presets; "
+          f"print(repr(presets.load_preset('tiny', num_layers=2).flops_per_token({seq_len})))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr
+  return float(proc.stdout.strip())
+
+
+def test_train_peer_table_has_ratio_column_and_distill_chunked_runs():
+  if not _have_peer():
+    import pytest  # pylint: disable=import-outside-toplevel
+    pytest.skip("torch/transformers not installed")
+  proc = _run([*TINY2, *PEER_SMALL, "--peer=hf", "--peer_threads=1",
+               "--loss_chunk_size=5"])
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 4, proc.stdout
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+          for line in lines[2:]]
+  assert rows[0]["engine"] == "posttrain_jax (xla) loss chunk 5"
+  assert rows[0]["ours / this"] == "-" and rows[1]["ours / this"].endswith("x")
+  assert rows[1]["step"] == "train" and rows[1]["batch x seq"] == "2 x 16"
+  # distill step (teacher = the same model), chunked loss, dot_product_attention.
+  proc = _run([*TINY2, *PEER_SMALL, "--step=distill", "--loss_chunk_size=8",
+               "--attention_impl=dot_product_attention", "--no_attn_soft_cap", "--json"])
+  (row,) = _json_rows(proc)
+  assert row["step"] == "distill" and row["attention_impl"] == "dot_product_attention"
+  assert row["flops_per_token"] == _train_flops_tiny2(16) * 4 / 3
+  assert 0 <= row["loss"] < 20
+
+
+def test_new_flag_errors_exit_2_with_one_line():
+  for args, needle in (
+      (["--model=tiny", "--attention_impl=dot_product_attention"], "attn_logits_soft_cap"),
+      (["--model=tiny", "--teacher_model=tiny"], "--step=distill"),
+      (["--model=tiny", "--step=forward", "--loss_chunk_size=4"], "forward"),
+      (["--model=tiny", "--loss_chunk_size=0"], "--loss_chunk_size"),
+      (["--model=tiny", "--peer_no_eager"], "--peer_compile")):
+    proc = _run(args)
+    assert proc.returncode == 2, (args, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
