@@ -266,6 +266,7 @@ def parse_args(rest):
                  help="torch.set_num_threads for the peer (default: torch's)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="print the row as one JSON line")
+  p.add_argument("--jsonl", default=None, help="also append the rows to this JSON-lines file")
   args = p.parse_args(rest)
   for name in ("batch_size", "seq_len", "steps", "num_microbatches"):
     if getattr(args, name) <= 0:
@@ -459,12 +460,16 @@ def benchmark(args, cfg: ModelConfig, teacher: ModelConfig, model_name: str) -> 
       host["teacher"] = host_params(teacher, args.seed + 1)
     modes = ([] if args.peer_no_eager else [False]) + ([True] if args.peer_compile else [])
     for compile_ in modes:
-      peers.append(bench_peer_hf.run_peer(
-          args.step, cfg, host["params"], batches, steps=args.steps,
-          warmup=max(args.warmup, 1), optimizer=OptimizerConfig(), compile=compile_,
-          attn=args.peer_attn, device=args.peer_device, threads=args.peer_threads,
-          teacher_cfg=teacher,
-          teacher_params=host.get("teacher")))
+      try:
+        peers.append(bench_peer_hf.run_peer(
+            args.step, cfg, host["params"], batches, steps=args.steps,
+            warmup=max(args.warmup, 1), optimizer=OptimizerConfig(), compile=compile_,
+            attn=args.peer_attn, device=args.peer_device, threads=args.peer_threads,
+            teacher_cfg=teacher, teacher_params=host.get("teacher")))
+      except RuntimeError as e:  # e.g. torch.OutOfMemoryError: ours still runs
+        print(f"bench_train.py: peer ({'compiled' if compile_ else 'eager'}) failed: "
+              f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
+        bench_peer_hf.release_memory()
   ours = run_ours(args, cfg, teacher, mesh, batches, host)
 
   flops = step_flops_per_token(args, cfg, teacher)
@@ -552,6 +557,9 @@ def main(argv) -> int:
       raise ConfigError(str(e)) from e
     raise
   print("\n".join(json.dumps(r) for r in rows) if args.json else table(rows), flush=True)
+  if args.jsonl:
+    with open(args.jsonl, "a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
   return 0
 
 
