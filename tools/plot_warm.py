@@ -15,8 +15,10 @@ means over each logging window) and for the held-out prompts (`eval/reward`,
 
 and prints a markdown table per source (eval / train): start, peak and final
 gold reward, the step of the gold peak, the gold drop from the peak to the
-end, start and final proxy reward and the final KL. Reward hacking shows as
-gold falling after its peak while the proxy keeps rising.
+end, the first step where gold is at least --drop (default 0.1, about three
+standard errors of a 64-sample eval point) below its running maximum, start
+and final proxy reward and the final KL. Reward hacking shows as gold falling
+after its peak while the proxy keeps rising.
 """
 
 from __future__ import annotations
@@ -51,8 +53,14 @@ def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return out
 
 
-def summarize(c: dict, source: str) -> dict[str, float] | None:
-  """Start / peak / final gold, peak step, drop, start / final proxy, final KL."""
+def first_drop_step(steps: np.ndarray, values: np.ndarray, drop: float) -> int | None:
+  """The first step where values <= (running maximum so far) - drop, or None."""
+  below = values <= np.maximum.accumulate(values) - drop
+  return int(steps[np.argmax(below)]) if below.any() else None
+
+
+def summarize(c: dict, source: str, drop: float = 0.1) -> dict[str, float] | None:
+  """Start / peak / final gold, peak step, drop, first-drop step, proxy, final KL."""
   prefix = SOURCES[source]
   if any(prefix + m not in c for m in METRICS):
     return None
@@ -63,21 +71,23 @@ def summarize(c: dict, source: str) -> dict[str, float] | None:
   return {"gold_start": gv[0], "gold_peak": gv[i], "gold_peak_step": int(gs[i]),
           "gold_final": gv[-1], "gold_drop": gv[i] - gv[-1], "proxy_start": pv[0],
           "proxy_final": pv[-1], "kl_final": kv[-1], "first_step": int(gs[0]),
-          "last_step": int(gs[-1])}
+          "last_step": int(gs[-1]), "drop_step": first_drop_step(gs, gv, drop)}
 
 
-def table(runs: dict, source: str) -> list[str]:
+def table(runs: dict, source: str, drop: float = 0.1) -> list[str]:
   lines = [f"| run ({source}) | gold: start (step) | peak (step) | final (step) "
-           "| drop after peak | proxy: start -> final | KL to SFT (final) |",
-           "|---|---|---|---|---|---|---|"]
+           f"| drop after peak | first step {drop:g} below running max "
+           "| proxy: start -> final | KL to SFT (final) |",
+           "|---|---|---|---|---|---|---|---|"]
   for name in RUNS:
-    s = summarize(runs[name], source) if name in runs else None
+    s = summarize(runs[name], source, drop) if name in runs else None
     if s is None:
       continue
     lines.append(
         f"| {LABELS[name]} | {s['gold_start']:.3f} ({s['first_step']}) "
         f"| {s['gold_peak']:.3f} ({s['gold_peak_step']}) "
         f"| {s['gold_final']:.3f} ({s['last_step']}) | {s['gold_drop']:.3f} "
+        f"| {'none' if s['drop_step'] is None else s['drop_step']} "
         f"| {s['proxy_start']:.3f} -> {s['proxy_final']:.3f} | {s['kl_final']:.2f} |")
   return lines
 
@@ -124,6 +134,8 @@ def main(argv=None) -> int:
   parser.add_argument("--root", default="runs/warm_rl")
   parser.add_argument("--out_dir", default="docs/experiments")
   parser.add_argument("--out_name", default="warm_curves.png", help="the figure's file name")
+  parser.add_argument("--drop", type=float, default=0.1,
+                      help="gold drop below its running maximum that the table dates")
   args = parser.parse_args(argv)
   runs = {}
   for name in RUNS:
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
   plot(runs, path)
   print(f"wrote {path}")
   for source in SOURCES:
-    lines = table(runs, source)
+    lines = table(runs, source, args.drop)
     if len(lines) > 2:
       print()
       print("\n".join(lines))

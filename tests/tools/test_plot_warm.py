@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,19 +63,33 @@ def _row(out, source, label):
 
 
 def test_table_and_png(root, tmp_path):
-  proc = _run("--root", root, "--out_dir", str(tmp_path), "--out_name", "w.png")
+  proc = _run("--root", root, "--out_dir", str(tmp_path), "--out_name", "w.png",
+              "--drop", "0.15")
   assert proc.returncode == 0, proc.stderr
   png = tmp_path / "w.png"
   assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # Train scalars: the single RM's gold peaks at step 100 and drops 0.2 by step 200.
   single = _row(proc.stdout, "train", "single RM (member 0)")
-  assert "| 0.320 (10) | 0.500 (100) | 0.300 (200) | 0.200 |" in single
+  # Gold is 0.15 below the peak (0.5 at 100) from step 175 on: first logged at 180.
+  assert "first step 0.15 below running max" in proc.stdout
+  assert "| 0.320 (10) | 0.500 (100) | 0.300 (200) | 0.200 | 180 |" in single
   assert "| 0.100 -> 2.000 | 4.00 |" in single
   warm = _row(proc.stdout, "train", "WARM (M=3)")
-  assert "| 0.600 (200) | 0.600 (200) | 0.000 |" in warm
+  assert "| 0.600 (200) | 0.600 (200) | 0.000 | none |" in warm
   # Eval scalars (every 50 steps): single RM peak at 100, gold 0.4 at 50.
   single_eval = _row(proc.stdout, "eval", "single RM (member 0)")
-  assert "| 0.400 (50) | 0.500 (100) | 0.300 (200) | 0.200 |" in single_eval
+  assert "| 0.400 (50) | 0.500 (100) | 0.300 (200) | 0.200 | 200 |" in single_eval
+
+
+def test_first_drop_step():
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import plot_warm  # pylint: disable=g-import-not-at-top
+  steps = np.array([10, 20, 30, 40])
+  # The running maximum, not the global one: 0.5 -> 0.35 counts before the later 0.9.
+  assert plot_warm.first_drop_step(steps, np.array([0.5, 0.35, 0.9, 0.85]), 0.1) == 20
+  assert plot_warm.first_drop_step(steps, np.array([0.1, 0.2, 0.3, 0.4]), 0.1) is None
+  # Exactly `drop` below counts.
+  assert plot_warm.first_drop_step(steps, np.array([0.5, 0.45, 0.25, 0.0]), 0.25) == 30
 
 
 def test_summarize_limits(root):
