@@ -168,7 +168,7 @@ def run_peer(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
     mem = int(rss if sys.platform == "darwin" else rss * 1024)
     mem_source = "host RSS, whole process"
     kind = "cpu"
-  del model, teacher, fwd, t_fwd, opt, tensors
+  model = teacher = fwd = t_fwd = opt = tensors = None  # release before JAX runs
   release_memory()
   return {
       "engine": f"transformers {transformers.__version__} ({attn}"

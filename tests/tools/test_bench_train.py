@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "bench_train.py")
 SMALL = ["--batch_size=4", "--seq_len=32", "--steps=3", "--warmup=1"]
@@ -111,13 +113,9 @@ def _json_rows(proc):
   return [json.loads(line) for line in proc.stdout.strip().splitlines()]
 
 
-def _have_peer():
-  try:
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return False
-  return True
+def _skip_without_peer():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
 
 
 TINY2 = ["--gin_file=gin/models/gemma2_tiny.gin", "--gin.ModelConfig.num_layers=2"]
@@ -125,9 +123,7 @@ PEER_SMALL = ["--batch_size=2", "--seq_len=16", "--steps=2", "--warmup=1"]
 
 
 def test_forward_step_peer_same_weights_same_loss_without_tensorflow():
-  if not _have_peer():
-    import pytest  # pylint: disable=import-outside-toplevel
-    pytest.skip("torch/transformers not installed")
+  _skip_without_peer()
   # Hide TensorFlow: the tool (and its peer) must not need it.
   proc = _run([*TINY2, *PEER_SMALL, "--step=forward", "--peer=hf", "--peer_threads=1",
                "--json"], prelude="sys.modules['tensorflow'] = None")
@@ -155,9 +151,7 @@ def _train_flops_tiny2(seq_len):
 
 
 def test_train_peer_table_has_ratio_column_and_distill_chunked_runs():
-  if not _have_peer():
-    import pytest  # pylint: disable=import-outside-toplevel
-    pytest.skip("torch/transformers not installed")
+  _skip_without_peer()
   proc = _run([*TINY2, *PEER_SMALL, "--peer=hf", "--peer_threads=1",
                "--loss_chunk_size=5"])
   assert proc.returncode == 0, proc.stderr
