@@ -9,7 +9,8 @@ each distillation run under --root, writes
   teacher_hacking_sources.png    proxy and golden vs step, offline vs online sources
   teacher_hacking_diversity.png  the same for the prompts x generations ablation
 
-and prints a markdown table: start / minimum / final golden and proxy, the
+and prints a markdown table: the training loss (per-token forward KL on the
+training batches), start / minimum / final golden and proxy, the
 step of the golden minimum, and the hacking detector's verdict on the proxy
 and golden curves (posttrain_jax/hacking_detector.py).
 """
@@ -61,7 +62,10 @@ def summary_row(name: str, c) -> str:
   ps, pv = c["eval/proxy_kl"]
   gs, gv = c["eval/golden_kl"]
   i = int(np.argmin(gv))
-  return (f"| {LABELS.get(name, name)} | {pv[0]:.2f} -> {pv[-1]:.2f} (min {pv.min():.2f}) "
+  loss = c.get("loss")
+  train = f"{loss[1][0]:.3f} -> {loss[1][-1]:.3f}" if loss is not None else "n/a"
+  return (f"| {LABELS.get(name, name)} | {train} "
+          f"| {pv[0]:.2f} -> {pv[-1]:.2f} (min {pv.min():.2f}) "
           f"| {gv[0]:.2f} -> {gv[-1]:.2f} | {gv[i]:.2f} at step {int(gs[i])} "
           f"| {gv[-1] - gv[i]:+.2f} | {_detect(ps, pv)} | {_detect(gs, gv)} |")
 
@@ -114,9 +118,10 @@ def main(argv=None) -> int:
        os.path.join(args.out_dir, "teacher_hacking_sources.png"))
   plot(runs, DIVERSITY, "Teacher hacking: prompts x generations at a fixed budget of 512",
        os.path.join(args.out_dir, "teacher_hacking_diversity.png"))
-  print("| run | proxy: start -> end (min) | golden: start -> end | golden minimum "
-        "| golden rise after min | detector (proxy) | detector (golden) |")
-  print("|---|---|---|---|---|---|---|")
+  print("| run | train loss (first -> last logged) | proxy: start -> end (min) "
+        "| golden: start -> end | golden minimum | golden rise after min "
+        "| detector (proxy) | detector (golden) |")
+  print("|---|---|---|---|---|---|---|---|")
   for name in dict.fromkeys(SOURCES + DIVERSITY):
     if name in runs:
       print(summary_row(name, runs[name]))
