@@ -3,7 +3,9 @@
 Order of operations (Gemma 2 report; HF `Gemma2Attention`):
   q <- q * query_scale;  s = q k^T;  s <- cap * tanh(s / cap);  mask;  softmax.
 Local layers see keys with 0 <= q_index - k_index < sliding_window_size; packed
-sequences never attend across segments.
+sequences never attend across segments. Without a cache, a local layer whose
+window is under half the length computes only the in-window score blocks
+(`local_block_attention`), the same result at 2 * window / length of the work.
 
 `ModelConfig.attention_impl` picks the kernel for attention without a KV cache
 (training, scoring): "xla" is the reference path below; "dot_product_attention"
@@ -69,6 +71,58 @@ def dot_product_attention(q: Array, key: Array, value: Array,
       q, key.astype(q.dtype), value.astype(q.dtype), mask=mask, scale=1.0,
       is_causal=True, local_window_size=None if window is None else (window - 1, 0),
       implementation=implementation)
+
+
+def local_block_attention(q: Array, key: Array, value: Array,
+                          segment_ids: Array | None, window: int,
+                          cap: float | None) -> Array:
+  """Sliding-window attention that only forms the scores inside the window.
+
+  The reference path computes all [t, t] scores of a local layer and masks
+  those outside the window. Here queries are cut into blocks of `window`
+  positions; block n attends to key blocks n - 1 and n (the only keys within
+  the window of any of its queries), so scores are [window, 2 * window] per
+  block: 2 * window / t of the full work. Same result as the reference path
+  (soft-cap, window, causality and segments applied to the same scores).
+
+  q: [b, t, heads, d] already scaled; key, value: [b, t, kv_heads, d];
+  returns [b, t, heads, d].
+  """
+  b, t, h, hd = q.shape
+  k = key.shape[2]
+  w = window
+  nb = -(-t // w)
+  pad = nb * w - t
+
+  def blocks(x, fill=0):  # [b, t, ...] -> [b, nb, w, ...]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape((b, nb, w) + x.shape[2:])
+
+  def with_previous(x, fill=0):  # [b, nb, w, ...] -> [b, nb, 2w, ...]
+    prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2),
+                   constant_values=fill)[:, :-1]
+    return jnp.concatenate([prev, x], axis=2)
+
+  qb = blocks(q).reshape(b, nb, w, k, h // k, hd)
+  kb, vb = with_previous(blocks(key)), with_previous(blocks(value))
+  scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, kb, preferred_element_type=jnp.float32)
+  scores = soft_cap(scores, cap)
+  # Query i of block n is position n*w + i; key j is position (n - 1)*w + j.
+  i = jnp.arange(w)[:, None]
+  j = jnp.arange(2 * w)[None, :]
+  diff = w + i - j
+  mask = (diff >= 0) & (diff < w)                                   # [w, 2w]
+  first = jnp.arange(nb)[:, None, None] > 0
+  mask = mask[None] & (first | (j >= w)[None])                      # [nb, w, 2w]
+  mask = jnp.broadcast_to(mask, (b, nb, w, 2 * w))
+  if segment_ids is not None:
+    qs = blocks(segment_ids)
+    ks = with_previous(qs, fill=-1)
+    mask &= qs[:, :, :, None] == ks[:, :, None, :]
+  scores = jnp.where(mask[:, :, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs, vb.astype(q.dtype))
+  return out.reshape(b, nb * w, h, hd)[:, :t]
 
 
 @flax.struct.dataclass
@@ -143,6 +197,11 @@ class Attention(nn.Module):
     if cfg.attention_impl == "dot_product_attention" and cache is None:
       out = dot_product_attention(q, key, value, segment_ids, window,
                                   cfg.dpa_implementation)
+      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+      return jnp.einsum("bthk,hkd->btd", out, w_o)
+    if window is not None and cache is None and 2 * window < length:
+      out = local_block_attention(q, key, value, segment_ids, window,
+                                  cfg.attn_logits_soft_cap)
       out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
       return jnp.einsum("bthk,hkd->btd", out, w_o)
 

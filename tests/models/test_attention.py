@@ -389,3 +389,62 @@ def test_cudnn_matches_reference_on_gpu(attention_type):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=5e-2, atol=5e-2),
                  grad(dpa_fn), grad(ref_fn))
+
+
+# ------------------------------------------------------------------ blocked local attention
+
+
+def _full_local_attention(q, key, value, seg, window, cap):
+  """Masked [t, t] local attention (the reference path's math) in jnp."""
+  b, t, h, hd = q.shape
+  k = key.shape[2]
+  qg = q.reshape(b, t, k, h // k, hd)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, key, preferred_element_type=jnp.float32)
+  if cap is not None:
+    s = cap * jnp.tanh(s / cap)
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = attention_mask(idx, idx, seg, seg, window)
+  s = jnp.where(mask[:, None, None], s, -1e30)
+  p = jax.nn.softmax(s, axis=-1)
+  return jnp.einsum("bkgts,bskd->btkgd", p, value).reshape(b, t, h, hd)
+
+
+@pytest.mark.parametrize("length, window, packed, cap", [
+    (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 1, False, None),
+    (20, 3, True, 2.0)])
+def test_local_block_attention_equals_masked_full(length, window, packed, cap):
+  from posttrain_jax.models.attention import local_block_attention  # pylint: disable=import-outside-toplevel
+  b, h, k, hd = 2, 4, 2, 8
+  q = jnp.asarray(rand(1, (b, length, h, hd), 2.0))
+  key = jnp.asarray(rand(2, (b, length, k, hd), 2.0))
+  value = jnp.asarray(rand(3, (b, length, k, hd)))
+  seg = None
+  if packed:
+    cut = length // 3
+    seg = jnp.asarray([[1] * cut + [2] * (length - cut), [1] * length], jnp.int32)
+  blocked = lambda q, key, value: local_block_attention(q, key, value, seg, window, cap)
+  full = lambda q, key, value: _full_local_attention(q, key, value, seg, window, cap)
+  np.testing.assert_allclose(blocked(q, key, value), full(q, key, value),
+                             rtol=1e-5, atol=1e-6)
+  cot = jnp.asarray(rand(4, (b, length, h, hd)))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(
+      q, key, value)
+  for a, c in zip(grads(blocked), grads(full)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_local_layer_uses_blocks_only_when_window_is_short():
+  # The module output at window 3 and length 9 (blocked) equals the numpy
+  # reference; the blocked jaxpr has no [t, t] score array.
+  cfg = tiny_config(sliding_window_size=3)
+  params = attn_params(cfg, seed=12, scale=6.0)
+  x = rand(5, (2, 9, cfg.embed_dim))
+  pos = np.broadcast_to(np.arange(9, dtype=np.int32), (2, 9))
+  np.testing.assert_allclose(run_attention(cfg, "local", params, x),
+                             reference_attention(params, x, pos, None, cfg, "local"),
+                             rtol=1e-4, atol=1e-5)
+  module = Attention(cfg, "local")
+  jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, pos, None))(params, x)
+  shapes = [tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars]
+  assert not any(s[-2:] == (9, 9) for s in shapes if len(s) >= 2)
+  assert any(s[-2:] == (3, 6) for s in shapes if len(s) >= 2)
