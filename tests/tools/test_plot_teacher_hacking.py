@@ -1,0 +1,59 @@
+"""tools/plot_teacher_hacking.py on synthetic TensorBoard logs (clu's default writer)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO, "tools", "plot_teacher_hacking.py")
+
+
+def _env():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def test_table_and_plots_from_event_files(tmp_path):
+  """offline: proxy keeps falling, golden turns up after step 300 (hacking);
+  online_teacher: both follow a power law."""
+  root = tmp_path / "runs"
+  script = textwrap.dedent(f"""
+      import os
+      from clu import metric_writers
+      for name in ("offline", "online_teacher"):
+        w = metric_writers.create_default_writer(os.path.join({str(root)!r}, name))
+        for s in range(0, 1001, 50):
+          t = max(s, 1)
+          proxy = 40.0 * t ** -0.2
+          golden = 50.0 * t ** -0.15
+          if name == "offline" and s > 300:
+            golden = 50.0 * 300 ** -0.15 + 0.02 * (s - 300)
+          w.write_scalars(s, {{"eval/proxy_kl": proxy, "eval/golden_kl": golden}})
+          if s:
+            w.write_scalars(s, {{"loss": 1.0 / t ** 0.3}})
+        w.flush(); w.close()
+  """)
+  subprocess.run([sys.executable, "-c", script], check=True, env=_env(), timeout=300)
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, TOOL, "--root", str(root), "--out_dir", str(out)],
+                        capture_output=True, text=True, env=_env(), timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
+          if line.startswith("| ") and "run |" not in line}
+  offline = rows["offline (512 prompts x 1)"].split("|")
+  assert "at step 300" in offline[5]                    # the golden minimum
+  assert float(offline[6]) > 10                         # the golden rise after it
+  assert offline[8].strip().startswith("step")          # flagged on golden
+  online = rows["online teacher"].split("|")
+  assert online[7].strip() == "no" and online[8].strip() == "no"
+  for png in ("teacher_hacking_sources.png", "teacher_hacking_diversity.png"):
+    assert (out / png).stat().st_size > 10_000
+
+
+def test_no_runs_is_one_clear_error(tmp_path):
+  proc = subprocess.run([sys.executable, TOOL, "--root", str(tmp_path)],
+                        capture_output=True, text=True, env=_env(), timeout=300)
+  assert proc.returncode == 2
+  assert "no distillation runs" in proc.stderr
