@@ -201,7 +201,7 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
     step_trainer.start(start)
 
   evaluator = None
-  if eval_prompts is not None and (eval_every or num_steps > start):
+  if eval_prompts is not None and num_steps > start:
     references = {"proxy": (teacher_config, teacher_params)}
     if oracle_checkpoint:
       oracle_config = reference_config(oracle_checkpoint, oracle_config)
@@ -212,7 +212,7 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
         max_new_tokens=eval_max_new_tokens or max_new_tokens,
         batch_size=eval_prompts.batch_size, mesh=mesh, seed=seed + 7919)
   lm_eval_set = (train_lib._eval_batches(eval_data, eval_batches)  # pylint: disable=protected-access
-                 if eval_data is not None else None)
+                 if eval_data is not None and num_steps > start else None)
 
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
                               log_every=log_every,
@@ -222,6 +222,9 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
     reporter.write_text(start, "config", operative_config)
   reporter.print(f"{origin} | teacher {teacher_checkpoint} | sources {dict(sources)} | "
                  f"loss {loss} | mesh {dict(mesh.shape)} | run_dir {run_dir}")
+  if start >= num_steps:
+    reporter.print(f"run already complete at step {start} (num_steps={num_steps}); "
+                   "raise num_steps to train further")
 
   def evaluate(step):
     metrics = evaluator(eval_params(state)) if evaluator is not None else {}
