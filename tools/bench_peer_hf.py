@@ -82,6 +82,7 @@ def _synchronize(device: str):
 
 
 def run_peer(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
+             repeats: int = 1,
              optimizer, compile: bool = False, attn: str = "eager",
              device: str | None = None, threads: int | None = None,
              teacher_cfg=None, teacher_params=None) -> dict:
@@ -154,11 +155,13 @@ def run_peer(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
   for i in range(1, warmup):
     loss = one_step(tensors[i % len(tensors)])
   _synchronize(device)
-  t0 = time.perf_counter()
-  for i in range(steps):
-    loss = one_step(tensors[i % len(tensors)])
-  _synchronize(device)
-  elapsed = time.perf_counter() - t0
+  elapsed = float("inf")
+  for _ in range(repeats):  # the fastest of `repeats` windows of `steps` steps
+    t0 = time.perf_counter()
+    for i in range(steps):
+      loss = one_step(tensors[i % len(tensors)])
+    _synchronize(device)
+    elapsed = min(elapsed, time.perf_counter() - t0)
   loss = float(loss)
   if device.startswith("cuda"):
     mem, mem_source = int(torch.cuda.max_memory_allocated()), "torch"
@@ -175,7 +178,7 @@ def run_peer(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
                 f"{', torch.compile' if compile else ''})",
       "backend": f"torch {torch.__version__.split('+')[0]}",
       "devices": 1, "device_kind": kind, "mesh": {},
-      "params": num_params, "steps": steps, "warmup": warmup,
+      "params": num_params, "steps": steps, "repeats": repeats, "warmup": warmup,
       "tokens_per_s": None, "step_ms": elapsed / steps * 1e3, "elapsed_s": elapsed,
       "peak_memory_bytes": mem, "peak_memory_source": mem_source,
       "compile_s": first_s if compile else 0.0, "loss": loss,
