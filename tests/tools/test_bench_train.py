@@ -178,6 +178,7 @@ def test_new_flag_errors_exit_2_with_one_line():
       (["--model=tiny", "--teacher_model=tiny"], "--step=distill"),
       (["--model=tiny", "--step=forward", "--loss_chunk_size=4"], "forward"),
       (["--model=tiny", "--loss_chunk_size=0"], "--loss_chunk_size"),
+      (["--model=tiny", "--repeats=0"], "--repeats"),
       (["--model=tiny", "--peer_no_eager"], "--peer_compile")):
     proc = _run(args)
     assert proc.returncode == 2, (args, proc.stderr)
