@@ -34,7 +34,8 @@ from posttrain_jax import params_checkpoint, reward_model
 from posttrain_jax.models import ModelConfig
 
 # Fields that change the parameter layout or the compute, not the function.
-_LAYOUT_FIELDS = ("scan_layers", "remat_policy", "dtype")
+_LAYOUT_FIELDS = ("scan_layers", "remat_policy", "dtype", "attention_impl",
+                  "dpa_implementation")
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
