@@ -93,3 +93,18 @@ def test_teacher_with_another_vocabulary_is_rejected(models, tmp_path):
   with pytest.raises(ValueError, match="one vocabulary"):
     run(models, tmp_path / "d", 1, {"offline": 1.0},
         student_config=dataclasses.replace(STUDENT, vocab_size=1024))
+
+
+def test_pretraining_distillation_gin_configures_an_lm_source():
+  import gin
+  from posttrain_jax import cli, main
+  main.register_configurables()
+  gin.clear_config()
+  try:
+    cli.configure(cli.parse_flags(["--gin_file=gin/experiments/pretraining_distillation.gin"]))
+    assert gin.query_parameter("job.name") == "distill"
+    assert gin.query_parameter("distill.sources") == {"offline": 1.0}
+    assert gin.query_parameter("lm_text/DatasetConfig.task_name") == "pydoc_lm"
+    assert gin.query_parameter("lm_text/DatasetConfig.pack") is True
+  finally:
+    gin.clear_config()
