@@ -9,6 +9,7 @@ import setuptools
 # - tensorflow (not tensorflow-cpu): tensorflow-text requires it;
 # - importlib_resources: tfds needs it without declaring it;
 # - safetensors (+ ml_dtypes for bfloat16): Hugging Face checkpoint import/export;
+# - matplotlib: the experiments' PNG plots (tools/plot_*.py);
 # - test extra: torch (CPU wheel) and transformers build the reference Gemma 2
 #   models; trl / mergekit stay out (they pull protobuf 7, xmanager pins < 7).
 INSTALL_REQUIRES = [
@@ -30,6 +31,7 @@ INSTALL_REQUIRES = [
     "numpy",
     "ml_dtypes",
     "safetensors>=0.8.0",
+    "matplotlib>=3.10",
 ]
 TEST_REQUIRES = ["pytest>=8", "torch==2.13.0", "transformers>=5.24.0"]
 
