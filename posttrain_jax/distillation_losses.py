@@ -62,6 +62,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from posttrain_jax import losses
+
 Array = jax.Array
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "jeffreys", "cross_entropy")
@@ -179,34 +181,13 @@ def chunked_distillation_loss(student: Array, teacher: Array, weights: Array, *,
     kind, temperature, beta, temperature_squared_scale: as `distillation_loss`.
   """
   _check(kind, temperature, beta)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  teacher = jax.lax.stop_gradient(teacher)
-  batch, length = weights.shape
-  num_chunks = -(-length // chunk_size)
-  pad = num_chunks * chunk_size - length
 
-  def to_chunks(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  xs = (to_chunks(student), to_chunks(teacher), to_chunks(weights.astype(jnp.float32)))
-
-  @jax.checkpoint
   def chunk_sums(s, t, w):
     s_logits = s if student_head is None else student_head(s)
     t_logits = t if teacher_head is None else teacher_head(t)
     return distillation_loss(s_logits, t_logits, w, kind=kind, temperature=temperature,
                              beta=beta, temperature_squared_scale=temperature_squared_scale)
 
-  def body(carry, x):
-    sums = chunk_sums(*x)
-    return jax.tree.map(jnp.add, carry, sums), None
-
-  keys = ["loss", "weight"]
-  if kind == "cross_entropy":
-    keys += ["forward_kl", "teacher_entropy"]
-  init = {k: jnp.zeros((), jnp.float32) for k in keys}
-  out, _ = jax.lax.scan(body, init, xs)
-  return out
+  return losses.scan_chunk_sums(
+      chunk_sums, (student, jax.lax.stop_gradient(teacher), weights.astype(jnp.float32)),
+      chunk_size)

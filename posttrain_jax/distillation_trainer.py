@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from posttrain_jax import distillation_losses, partitioning
-from posttrain_jax.losses import cross_entropy_sums
+from posttrain_jax.losses import chunked_cross_entropy_sums, cross_entropy_sums
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.trainer import Batch, Trainer, optimizer_step
 
@@ -73,25 +73,14 @@ def distillation_objective(student: Transformer, teacher: Transformer, *,
           s_hidden, t_hidden, weights, chunk_size=chunk_size,
           student_head=head(student, params), teacher_head=head(teacher, teacher_params),
           kind=kind, temperature=temperature, beta=beta)
-      nll, correct = _chunked_nll(s_hidden, batch["decoder_target_tokens"], weights,
-                                  head(student, params), chunk_size)
+      ce = chunked_cross_entropy_sums(  # metrics only: no gradient
+          jax.lax.stop_gradient(s_hidden), batch["decoder_target_tokens"], weights,
+          head=head(student, jax.lax.stop_gradient(params)), chunk_size=chunk_size)
+      nll, correct = ce["cross_entropy"], ce["correct"]
     out = {"loss": sums["loss"], "nll": jax.lax.stop_gradient(nll),
            "accuracy": jax.lax.stop_gradient(correct), "weight": sums["weight"]}
     return sums["loss"], out
   return loss_fn
-
-
-def _chunked_nll(hidden, targets, weights, head, chunk_size):
-  """Student cross-entropy and argmax hits, one sequence chunk of logits at a time."""
-  hidden, targets, weights = jax.lax.stop_gradient((hidden, targets, weights))
-  length = targets.shape[1]
-  starts = range(0, length, chunk_size)
-  nll = correct = jnp.zeros((), jnp.float32)
-  for start in starts:  # metrics only: no gradient, so no need to scan/remat
-    sl = slice(start, min(start + chunk_size, length))
-    ce = cross_entropy_sums(head(hidden[:, sl]), targets[:, sl], weights[:, sl])
-    nll, correct = nll + ce["cross_entropy"], correct + ce["correct"]
-  return nll, correct
 
 
 class DistillationTrainer(Trainer):

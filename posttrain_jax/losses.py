@@ -74,9 +74,23 @@ def chunked_cross_entropy_sums(hidden: Array, targets: Array, weights: Array, *,
       multiple of it.
     z_loss: as `cross_entropy_sums`.
   """
+  return scan_chunk_sums(lambda h, y, w: cross_entropy_sums(head(h), y, w, z_loss),
+                         (hidden, targets, weights.astype(jnp.float32)), chunk_size)
+
+
+def scan_chunk_sums(sums_fn: Callable[..., dict[str, Array]], arrays, chunk_size: int
+                    ) -> dict[str, Array]:
+  """sum over sequence chunks c of sums_fn(*(x[:, c] for x in arrays)).
+
+  The arrays are [batch, length, ...]; the length is zero-padded to a multiple
+  of chunk_size (pass the loss weights among them: padding gets weight 0). A
+  `lax.scan` runs one chunk at a time and `jax.checkpoint` makes the backward
+  pass recompute each chunk, so only one chunk's intermediates (e.g. its
+  [batch, chunk, vocab] logits) are ever live.
+  """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  batch, length = targets.shape
+  batch, length = arrays[0].shape[:2]
   num_chunks = -(-length // chunk_size)
   pad = num_chunks * chunk_size - length
 
@@ -85,16 +99,13 @@ def chunked_cross_entropy_sums(hidden: Array, targets: Array, weights: Array, *,
     x = x.reshape((batch, num_chunks, chunk_size) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
-  xs = (to_chunks(hidden), to_chunks(targets), to_chunks(weights.astype(jnp.float32)))
-
-  @jax.checkpoint
-  def chunk_sums(h, y, w):
-    return cross_entropy_sums(head(h), y, w, z_loss)
+  xs = tuple(to_chunks(x) for x in arrays)
+  one_chunk = jax.checkpoint(sums_fn)
 
   def body(carry, x):
-    return jax.tree.map(jnp.add, carry, chunk_sums(*x)), None
+    return jax.tree.map(jnp.add, carry, one_chunk(*x)), None
 
-  init = {k: jnp.zeros((), jnp.float32)
-          for k in ("loss", "cross_entropy", "z_loss", "weight", "correct")}
+  init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                      jax.eval_shape(sums_fn, *(x[0] for x in xs)))
   out, _ = jax.lax.scan(body, init, xs)
   return out
