@@ -39,8 +39,8 @@ from posttrain_jax.distillation_trainer import DistillationTrainer
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.progress import ProgressReporter
+from posttrain_jax.step_loop import StepLoop
 from posttrain_jax.sampling import SamplingConfig
 from posttrain_jax.streaming_diloco import DiLoCoConfig
 from posttrain_jax import train as train_lib
@@ -238,42 +238,26 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
   eval_metrics = {}
   if start == 0 and num_steps > 0 and eval_every:
     evaluate(0)  # the starting point of the proxy/golden curves
-  watcher = PreemptionWatcher()
-  preempted, step, last = False, start, None
+  loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,
+                  checkpointer=checkpointer, data_state=lambda: _data_state(data))
   try:
-    for step in range(start + 1, num_steps + 1):
-      if watcher.should_stop(step - 1):
-        preempted, step = True, step - 1
-        break
+    for step in loop:
       batch = data.next_batch(step, eval_params(state), teacher_params)
       state, metrics = step_trainer.train_step(state, batch, teacher_params)
-      if last is not None:
-        guard.observe(last[0], bool(last[1]))
-      last = (step, metrics["nonfinite"])
-      reporter.update(step, metrics)
+      loop.end_step(step, state, metrics)
       if diloco is not None and (step % log_every == 0 or step == num_steps):
         step_trainer.write_traffic(reporter, step)
-      checkpointer.save(step, state, _data_state(data), force=step == num_steps)
       if (eval_every and step % eval_every == 0) or step == num_steps:
         evaluate(step)
-    if last is not None and not preempted:
-      guard.observe(last[0], bool(last[1]))
-    if preempted:
-      if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, _data_state(data), force=True)
-      checkpointer.wait()
-      reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
-                     "run the same command to resume")
+    loop.finish(state)
     if diloco is not None:
       reporter.print(step_trainer.summary())
   finally:
-    watcher.close()
-    reporter.close()
-    checkpointer.close()
-  return DistillResult(final_step=step if preempted else max(start, num_steps),
+    loop.close()
+  return DistillResult(final_step=loop.final_step,
                        losses=dict(reporter.history), eval_metrics=eval_metrics,
                        resumed_from=resumed_from, source_counts=dict(data.counts),
-                       preempted=preempted,
+                       preempted=loop.preempted,
                        traffic=step_trainer.traffic() if diloco is not None else None)
 
 

@@ -55,8 +55,8 @@ from posttrain_jax.data.dataset_config import PromptConfig
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.progress import ProgressReporter
+from posttrain_jax.step_loop import StepLoop
 from posttrain_jax.sampling import Sampler, SamplingConfig
 from posttrain_jax.sequence_kl import expected_token_kl, mc_sequence_kl
 from posttrain_jax.trainer import TrainState, optimizer_step
@@ -392,13 +392,10 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
 
   history: dict[int, dict[str, float]] = {}
   eval_history: dict[int, dict[str, float]] = {}
-  watcher = PreemptionWatcher()
-  preempted, step, last = False, start, None
+  loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,
+                  checkpointer=checkpointer, data_state=lambda: {"prompts": data.get_state()})
   try:
-    for step in range(start + 1, num_steps + 1):
-      if watcher.should_stop(step - 1):
-        preempted, step = True, step - 1
-        break
+    for step in loop:
       batch = next(data)
       rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
       lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
@@ -408,28 +405,15 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
       if gold is not None:
         metrics["gold_reward"] = jnp.mean(gold(sample.tokens, sample.generated_mask))
-      if last is not None:
-        guard.observe(last[0], bool(last[1]))
-      last = (step, metrics["nonfinite"])
-      reporter.update(step, metrics)
+      loop.end_step(step, state, metrics)
       if step % log_every == 0 or step == num_steps:
         history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      checkpointer.save(step, state, {"prompts": data.get_state()}, force=step == num_steps)
       if eval_list and ((eval_every and step % eval_every == 0) or step == num_steps):
         eval_history[step] = evaluate(step)
-    if last is not None and not preempted:
-      guard.observe(last[0], bool(last[1]))
-    if preempted:
-      if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, {"prompts": data.get_state()}, force=True)
-      checkpointer.wait()
-      reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
-                     "run the same command to resume")
+    loop.finish(state)
   finally:
-    watcher.close()
-    reporter.close()
-    checkpointer.close()
-  return PolicyResult(final_step=step if preempted else max(start, num_steps),
+    loop.close()
+  return PolicyResult(final_step=loop.final_step,
                       metrics=history, eval_metrics=eval_history,
-                      resumed_from=resumed_from, preempted=preempted,
+                      resumed_from=resumed_from, preempted=loop.preempted,
                       skipped_steps=guard.skipped, state=state)

@@ -44,8 +44,8 @@ from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.progress import ProgressReporter
+from posttrain_jax.step_loop import StepLoop
 from posttrain_jax.reward_model import RewardModel
 from posttrain_jax.trainer import TrainState, optimizer_step
 
@@ -331,41 +331,25 @@ def train_reward_model(
         shard_index=jax.process_index(), num_shards=jax.process_count())
   base_rng = jax.random.key(seed)
   eval_metrics, probe_head = {}, None
-  watcher = PreemptionWatcher()
-  preempted, step, last = False, start, None
+  loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,
+                  checkpointer=checkpointer, data_state=data_state)
   try:
-    for step in range(start + 1, num_steps + 1):
-      if watcher.should_stop(step - 1):
-        preempted, step = True, step - 1
-        break
+    for step in loop:
       probe = step <= k
       local = next(probe_data if probe else data)
       state, metrics = trainer.train_step(state, trainer.shard_batch(local),
                                           jax.random.fold_in(base_rng, step), probe=probe)
-      if last is not None:
-        guard.observe(last[0], bool(last[1]))
-      last = (step, metrics["nonfinite"])
-      reporter.update(step, metrics)
+      loop.end_step(step, state, metrics)
       if step == k:
         probe_head = np.asarray(jax.device_get(state.params["head"]["kernel"]))
-      checkpointer.save(step, state, data_state(), force=step == num_steps)
       if eval_set and ((eval_every and step % eval_every == 0) or step == num_steps):
         eval_metrics[step] = evaluate(trainer, state.params, eval_set)
         reporter.write_eval(step, eval_metrics[step])
-    if last is not None and not preempted:
-      guard.observe(last[0], bool(last[1]))
-    if preempted:
-      if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, data_state(), force=True)
-      checkpointer.wait()
-      reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
-                     "run the same command to resume")
+    loop.finish(state)
   finally:
-    watcher.close()
-    reporter.close()
-    checkpointer.close()
+    loop.close()
   exported = None
-  if not preempted:
+  if not loop.preempted:
     exported = os.path.abspath(export_dir or os.path.join(run_dir, "reward_model"))
     if reward_model.is_reward_model(exported) and jax.process_index() == 0:
       shutil.rmtree(os.path.join(exported, params_checkpoint.PARAMS), ignore_errors=True)
@@ -377,7 +361,7 @@ def train_reward_model(
                                      if initial_checkpoint else None)})
     reporter.print(f"exported reward model to {exported}")
   return RewardTrainResult(
-      final_step=step if preempted else max(start, num_steps),
+      final_step=loop.final_step,
       losses=dict(reporter.history), eval_metrics=eval_metrics, resumed_from=resumed_from,
-      export_dir=exported, linear_probe_head=probe_head, preempted=preempted,
+      export_dir=exported, linear_probe_head=probe_head, preempted=loop.preempted,
       skipped_steps=guard.skipped)

@@ -27,9 +27,9 @@ from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.preemption import PreemptionWatcher
 from posttrain_jax.profiling import StepProfiler
 from posttrain_jax.progress import ProgressReporter
+from posttrain_jax.step_loop import StepLoop
 from posttrain_jax.streaming_diloco import DiLoCoConfig
 from posttrain_jax.trainer import Trainer, TrainState
 
@@ -216,48 +216,31 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
     reporter.print(f"run already complete at step {start} (num_steps={num_steps}); "
                    "raise num_steps to train further")
   eval_metrics = {}
-  watcher = PreemptionWatcher()
-  preempted, step, last = False, start, None  # last: (step, device nonfinite flag)
+  loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,
+                  checkpointer=checkpointer, data_state=lambda: {"train": data.get_state()})
   try:
-    for step in range(start + 1, num_steps + 1):
-      if watcher.should_stop(step - 1):
-        preempted, step = True, step - 1
-        break
+    for step in loop:
       local = next(data)
       check_token_ids(local, model_config.vocab_size)
       profiler.before_step(step)
       state, metrics = trainer.train_step(state, trainer.shard_batch(local))
       profiler.after_step(step, (state, metrics))
-      if last is not None:  # one step behind, so the host never waits on the device
-        guard.observe(last[0], bool(last[1]))
-      last = (step, metrics["nonfinite"])
-      reporter.update(step, metrics)
+      loop.end_step(step, state, metrics)
       if diloco is not None and (step % log_every == 0 or step == num_steps):
         trainer.write_traffic(reporter, step)
-      checkpointer.save(step, state, {"train": data.get_state()},
-                        force=step == num_steps)
       if eval_set and ((eval_every and step % eval_every == 0) or step == num_steps):
         eval_metrics[step] = evaluate(trainer, eval_params(state), eval_set)
         reporter.write_eval(step, eval_metrics[step])
-    if last is not None and not preempted:
-      guard.observe(last[0], bool(last[1]))
-    if preempted:
-      if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, {"train": data.get_state()}, force=True)
-      checkpointer.wait()
-      reporter.print(f"preempted (SIGTERM): checkpoint saved at step {step}; "
-                     "run the same command to resume")
+    loop.finish(state)
     if diloco is not None:
       reporter.print(trainer.summary())
   finally:
     profiler.stop()
-    watcher.close()
-    reporter.close()
-    checkpointer.close()
-  return TrainResult(final_step=step if preempted else max(start, num_steps),
+    loop.close()
+  return TrainResult(final_step=loop.final_step,
                      losses=dict(reporter.history), eval_metrics=eval_metrics,
                      resumed_from=resumed_from, initialised_from=initialised_from,
-                     preempted=preempted, skipped_steps=guard.skipped,
+                     preempted=loop.preempted, skipped_steps=guard.skipped,
                      traffic=trainer.traffic() if diloco is not None else None)
 
 
