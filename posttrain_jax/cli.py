@@ -199,8 +199,13 @@ def call(fn: Callable, *args, **kwargs):
 
 def run_main(main: Callable[[Sequence[str]], int | None],
              argv: Sequence[str] | None = None) -> None:
-  """Runs `main(argv)`; a ConfigError prints one line and exits with status 2."""
-  from posttrain_jax import distributed  # pylint: disable=g-import-not-at-top
+  """Runs `main(argv)`; a ConfigError prints one line and exits with status 2.
+
+  First applies host_allocator.configure() (XLA:CPU's malloc settings), before
+  any JAX computation starts.
+  """
+  from posttrain_jax import distributed, host_allocator  # pylint: disable=g-import-not-at-top
+  host_allocator.configure()
   argv = sys.argv[1:] if argv is None else argv
   try:
     code = main(argv) or 0

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import partitioning
+from posttrain_jax import host_allocator, partitioning
 from posttrain_jax.models import Transformer, presets
 from posttrain_jax.sampling import Sampler, SamplingConfig
 
@@ -129,6 +129,7 @@ def time_hf(cfg, params, prompts, new_tokens, repeats, device, dtype):
 
 
 def main(argv=None) -> int:
+  host_allocator.configure()  # before the first JAX computation
   args = parse_args(sys.argv[1:] if argv is None else argv)
   overrides = {k: v for k, v in (("dtype", args.dtype), ("param_dtype", args.param_dtype))
                if v}

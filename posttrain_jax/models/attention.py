@@ -5,7 +5,9 @@ Order of operations (Gemma 2 report; HF `Gemma2Attention`):
 Local layers see keys with 0 <= q_index - k_index < sliding_window_size; packed
 sequences never attend across segments. Without a cache, a local layer whose
 window is under half the length computes only the in-window score blocks
-(`local_block_attention`), the same result at 2 * window / length of the work.
+(`local_block_attention`), the same result at 2 * window / length of the work;
+with `ModelConfig.causal_block_size`, a global layer computes only the causal
+lower triangle of query/key blocks (`causal_block_attention`).
 
 `ModelConfig.attention_impl` picks the kernel for attention without a KV cache
 (training, scoring): "xla" is the reference path below; "dot_product_attention"
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from posttrain_jax.models.config import ModelConfig
-from posttrain_jax.models.layers import apply_rope, soft_cap
+from posttrain_jax.models.layers import apply_rope, soft_cap, token_dense
 
 Array = jax.Array
 
@@ -73,6 +75,28 @@ def dot_product_attention(q: Array, key: Array, value: Array,
       implementation=implementation)
 
 
+def _grouped_rows(q: Array, num_kv_heads: int) -> Array:
+  """[b, t, heads, d] -> [b, kv_heads, t * groups, d]: head-major, the query
+  heads that share a key/value head stacked as extra rows (row r is position
+  r // groups), so each score product is one large matmul per kv head."""
+  b, t, h, hd = q.shape
+  q = q.reshape(b, t, num_kv_heads, h // num_kv_heads, hd)
+  return q.transpose(0, 2, 1, 3, 4).reshape(b, num_kv_heads, t * (h // num_kv_heads), hd)
+
+
+def _ungrouped_rows(out: Array, t: int) -> Array:
+  """Inverse of _grouped_rows: [b, kv_heads, t * groups, d] -> [b, t, heads, d]."""
+  b, k, rows, hd = out.shape
+  out = out.reshape(b, k, t, rows // t, hd).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, t, k * (rows // t), hd)
+
+
+def _masked_softmax(scores: Array, mask: Array, cap: float | None) -> Array:
+  """softmax(where(mask, cap * tanh(scores / cap), MASK_VALUE)) over the keys."""
+  scores = jnp.where(mask, soft_cap(scores, cap), MASK_VALUE)
+  return jax.nn.softmax(scores, axis=-1)
+
+
 def local_block_attention(q: Array, key: Array, value: Array,
                           segment_ids: Array | None, window: int,
                           cap: float | None) -> Array:
@@ -90,7 +114,7 @@ def local_block_attention(q: Array, key: Array, value: Array,
   """
   b, t, h, hd = q.shape
   k = key.shape[2]
-  w = window
+  g, w = h // k, window
   nb = -(-t // w)
   pad = nb * w - t
 
@@ -98,31 +122,68 @@ def local_block_attention(q: Array, key: Array, value: Array,
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     return x.reshape((b, nb, w) + x.shape[2:])
 
-  def with_previous(x, fill=0):  # [b, nb, w, ...] -> [b, nb, 2w, ...]
-    prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2),
-                   constant_values=fill)[:, :-1]
-    return jnp.concatenate([prev, x], axis=2)
+  def with_previous(x, axis, fill=0):  # block n -> blocks n - 1 and n along `axis`
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (1, 0)
+    prev = jnp.pad(x, widths, constant_values=fill)[:, :-1]
+    return jnp.concatenate([prev, x], axis=axis)
 
-  qb = blocks(q).reshape(b, nb, w, k, h // k, hd)
-  kb, vb = with_previous(blocks(key)), with_previous(blocks(value))
-  scores = jnp.einsum("bnqkgd,bnskd->bnkgqs", qb, kb, preferred_element_type=jnp.float32)
-  scores = soft_cap(scores, cap)
-  # Query i of block n is position n*w + i; key j is position (n - 1)*w + j.
-  i = jnp.arange(w)[:, None]
+  # [b, nb, k, w * g, d]: rows of block n are (position, group) pairs.
+  qb = _grouped_rows(blocks(q).reshape(b * nb, w, h, hd), k).reshape(b, nb, k, w * g, hd)
+  kv_blocks = lambda x: with_previous(blocks(x).transpose(0, 1, 3, 2, 4), axis=3)
+  kb, vb = kv_blocks(key), kv_blocks(value)                        # [b, nb, k, 2w, d]
+  scores = jnp.einsum("bnkrd,bnksd->bnkrs", qb, kb, preferred_element_type=jnp.float32)
+  # Row r of block n is position n*w + r // g; key j is position (n - 1)*w + j.
+  i = (jnp.arange(w * g) // g)[:, None]
   j = jnp.arange(2 * w)[None, :]
   diff = w + i - j
-  mask = (diff >= 0) & (diff < w)                                   # [w, 2w]
+  mask = (diff >= 0) & (diff < w)                                   # [w g, 2w]
   first = jnp.arange(nb)[:, None, None] > 0
-  mask = mask[None] & (first | (j >= w)[None])                      # [nb, w, 2w]
-  mask = jnp.broadcast_to(mask, (b, nb, w, 2 * w))
+  mask = jnp.broadcast_to(mask[None] & (first | (j >= w)[None]), (b, nb, w * g, 2 * w))
   if segment_ids is not None:
-    qs = blocks(segment_ids)
-    ks = with_previous(qs, fill=-1)
+    qs = jnp.repeat(blocks(segment_ids), g, axis=2)                 # [b, nb, w g]
+    ks = with_previous(blocks(segment_ids), axis=2, fill=-1)        # [b, nb, 2w]
     mask &= qs[:, :, :, None] == ks[:, :, None, :]
-  scores = jnp.where(mask[:, :, None, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  out = jnp.einsum("bnkgqs,bnskd->bnqkgd", probs, vb.astype(q.dtype))
+  probs = _masked_softmax(scores, mask[:, :, None], cap).astype(q.dtype)
+  out = jnp.einsum("bnkrs,bnksd->bnkrd", probs, vb.astype(q.dtype))
+  out = _ungrouped_rows(out.reshape(b * nb, k, w * g, hd), w)       # [b nb, w, h, d]
   return out.reshape(b, nb * w, h, hd)[:, :t]
+
+
+def causal_block_attention(q: Array, key: Array, value: Array,
+                           segment_ids: Array | None, block: int,
+                           cap: float | None) -> Array:
+  """Causal attention that skips the score blocks above the diagonal.
+
+  Queries are cut into nb = ceil(t / block) blocks; block n (positions
+  [n * block, (n + 1) * block)) can only see keys [0, (n + 1) * block), so its
+  scores are [block, (n + 1) * block] instead of [block, t]: (nb + 1) / (2 nb)
+  of the full score, soft-cap, mask and softmax work, forward and backward.
+  Same result as the reference path (soft-cap, causality and segments applied
+  to the same scores, softmax over the same keys; the skipped keys would have
+  been masked). The blocks have different shapes, so the loop is unrolled.
+
+  q: [b, t, heads, d] already scaled; key, value: [b, t, kv_heads, d];
+  returns [b, t, heads, d].
+  """
+  b, t, h, hd = q.shape
+  k = key.shape[2]
+  g = h // k
+  rows = _grouped_rows(q, k)                                        # [b, k, t g, d]
+  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [b, k, t, d]
+  outs = []
+  for start in range(0, t, block):
+    stop = min(start + block, t)
+    scores = jnp.einsum("bkrd,bksd->bkrs", rows[:, :, start * g:stop * g], key[:, :, :stop],
+                        preferred_element_type=jnp.float32)
+    position = jnp.arange(start * g, stop * g) // g                 # of each row
+    mask = jnp.arange(stop)[None, :] <= position[:, None]           # [rows, keys]
+    mask = jnp.broadcast_to(mask, (b, (stop - start) * g, stop))
+    if segment_ids is not None:
+      mask &= segment_ids[:, position, None] == segment_ids[:, None, :stop]
+    probs = _masked_softmax(scores, mask[:, None], cap).astype(q.dtype)
+    outs.append(jnp.einsum("bkrs,bksd->bkrd", probs, value[:, :, :stop].astype(q.dtype)))
+  return _ungrouped_rows(jnp.concatenate(outs, axis=2), t)
 
 
 @flax.struct.dataclass
@@ -181,9 +242,9 @@ class Attention(nn.Module):
     w_v = proj("v", (d, k, hd), ("embed", "kv_heads", "kv"), 0, (1, 2))
     w_o = proj("o", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
 
-    q = jnp.einsum("btd,dhk->bthk", x, w_q)
-    key = jnp.einsum("btd,dhk->bthk", x, w_k)
-    value = jnp.einsum("btd,dhk->bthk", x, w_v)
+    q = token_dense(x, w_q)
+    key = token_dense(x, w_k)
+    value = token_dense(x, w_v)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
@@ -198,12 +259,18 @@ class Attention(nn.Module):
       out = dot_product_attention(q, key, value, segment_ids, window,
                                   cfg.dpa_implementation)
       out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-      return jnp.einsum("bthk,hkd->btd", out, w_o)
+      return token_dense(out, w_o, in_dims=2)
     if window is not None and cache is None and 2 * window < length:
       out = local_block_attention(q, key, value, segment_ids, window,
                                   cfg.attn_logits_soft_cap)
       out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-      return jnp.einsum("bthk,hkd->btd", out, w_o)
+      return token_dense(out, w_o, in_dims=2)
+    if (window is None and cache is None and cfg.causal_block_size
+        and cfg.causal_block_size < length):
+      out = causal_block_attention(q, key, value, segment_ids, cfg.causal_block_size,
+                                   cfg.attn_logits_soft_cap)
+      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+      return token_dense(out, w_o, in_dims=2)
 
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     k_index, k_segment_ids, new_cache = q_index, segment_ids, None
@@ -237,5 +304,5 @@ class Attention(nn.Module):
 
     out = jnp.einsum("bkgts,bksd->btkgd", probs, value).reshape(batch, length, h, hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    out = jnp.einsum("bthk,hkd->btd", out, w_o)
+    out = token_dense(out, w_o, in_dims=2)
     return out if cache is None else (out, new_cache)

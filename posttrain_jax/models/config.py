@@ -53,6 +53,12 @@ class ModelConfig:
       None (jax chooses; XLA in jax 0.10), "xla", or "cudnn" (NVIDIA GPUs,
       bf16/fp16 flash attention). Only with attention_impl =
       "dot_product_attention".
+    causal_block_size: reference path without a KV cache: global (causal)
+      layers cut the queries into blocks of this many positions and score
+      block n against keys [0, (n + 1) * block) only (the causal lower
+      triangle in blocks; (nb + 1) / (2 nb) of the score work for nb blocks),
+      same result. None computes and masks the full [t, t] scores. The blocks
+      are unrolled in the program, so keep length / block small (<= ~16).
   """
 
   vocab_size: int
@@ -76,6 +82,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: str = "xla"
   dpa_implementation: str | None = None
+  causal_block_size: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
@@ -101,6 +108,9 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       problems.append(f"remat_policy must be one of {REMAT_POLICIES}, got "
                       f"{self.remat_policy!r}")
+    if self.causal_block_size is not None and self.causal_block_size <= 0:
+      problems.append(f"causal_block_size must be a positive int or None, got "
+                      f"{self.causal_block_size}")
     if self.attention_impl not in ATTENTION_IMPLS:
       problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
                       f"{self.attention_impl!r}")

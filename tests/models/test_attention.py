@@ -447,4 +447,57 @@ def test_local_layer_uses_blocks_only_when_window_is_short():
   jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, pos, None))(params, x)
   shapes = [tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars]
   assert not any(s[-2:] == (9, 9) for s in shapes if len(s) >= 2)
-  assert any(s[-2:] == (3, 6) for s in shapes if len(s) >= 2)
+  # rows: 3 positions x 2 query heads per kv head; keys: 2 windows
+  assert any(s[-2:] == (6, 6) for s in shapes if len(s) >= 2)
+
+
+# ------------------------------------------------------------------ causal block attention
+
+
+@pytest.mark.parametrize("length, block, packed, cap", [
+    (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 1, False, None),
+    (20, 6, True, 2.0), (9, 20, False, 3.0)])
+def test_causal_block_attention_equals_masked_full(length, block, packed, cap):
+  # Forward and gradients equal masked full causal attention (window None),
+  # including a last block shorter than `block` and a block longer than t.
+  from posttrain_jax.models.attention import causal_block_attention  # pylint: disable=import-outside-toplevel
+  b, h, k, hd = 2, 4, 2, 8
+  q = jnp.asarray(rand(1, (b, length, h, hd), 2.0))
+  key = jnp.asarray(rand(2, (b, length, k, hd), 2.0))
+  value = jnp.asarray(rand(3, (b, length, k, hd)))
+  seg = None
+  if packed:
+    cut = length // 3
+    seg = jnp.asarray([[1] * cut + [2] * (length - cut), [1] * length], jnp.int32)
+  blocked = lambda q, key, value: causal_block_attention(q, key, value, seg, block, cap)
+  full = lambda q, key, value: _full_local_attention(q, key, value, seg, None, cap)
+  np.testing.assert_allclose(blocked(q, key, value), full(q, key, value),
+                             rtol=1e-5, atol=1e-6)
+  cot = jnp.asarray(rand(4, (b, length, h, hd)))
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(
+      q, key, value)
+  for a, c in zip(grads(blocked), grads(full)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def test_global_layer_with_causal_block_size():
+  # The module output with causal_block_size equals the numpy reference and its
+  # jaxpr has no [t, t] score array; a KV cache still takes the reference path.
+  cfg = tiny_config(causal_block_size=4)
+  params = attn_params(cfg, seed=13, scale=6.0)
+  x = rand(6, (2, 10, cfg.embed_dim))
+  pos = np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))
+  np.testing.assert_allclose(run_attention(cfg, "global", params, x),
+                             reference_attention(params, x, pos, None, cfg, "global"),
+                             rtol=1e-4, atol=1e-5)
+  module = Attention(cfg, "global")
+  jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, pos, None))(params, x)
+  shapes = [tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars]
+  assert not any(s[-2:] == (10, 10) for s in shapes if len(s) >= 2)
+  # rows: block positions x 2 query heads per kv head; keys: the causal prefix
+  assert {(8, 4), (8, 8), (4, 10)} <= {s[-2:] for s in shapes if len(s) >= 2}
+
+
+def test_causal_block_size_validated():
+  with pytest.raises(ValueError, match="causal_block_size"):
+    tiny_config(causal_block_size=0)
