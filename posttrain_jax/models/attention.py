@@ -10,7 +10,8 @@ with `ModelConfig.causal_block_size`, a global layer computes only the causal
 lower triangle of query/key blocks (`causal_block_attention`).
 
 `ModelConfig.attention_impl` picks the kernel for attention without a KV cache
-(training, scoring): "xla" is the reference path below; "dot_product_attention"
+(training, scoring): "xla" is the reference path below; "splash" is TPU splash
+attention with the soft-cap in the kernel (splash_attention.py); "dot_product_attention"
 calls `jax.nn.dot_product_attention` (causal flag, the window as
 local_window_size = (window - 1, 0), segments as a boolean mask; cuDNN flash
 attention with dpa_implementation="cudnn"), which has no logit soft-cap.
@@ -255,6 +256,12 @@ class Attention(nn.Module):
 
     batch, length = x.shape[:2]
     window = cfg.sliding_window_size if self.attention_type == "local" else None
+    if cfg.attention_impl == "splash" and cache is None:
+      from posttrain_jax.models.splash_attention import splash_attention  # pylint: disable=import-outside-toplevel
+      out = splash_attention(q, key, value, segment_ids, window,
+                             cfg.attn_logits_soft_cap, cfg.splash_block_size)
+      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+      return token_dense(out, w_o, in_dims=2)
     if cfg.attention_impl == "dot_product_attention" and cache is None:
       out = dot_product_attention(q, key, value, segment_ids, window,
                                   cfg.dpa_implementation)

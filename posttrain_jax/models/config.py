@@ -12,7 +12,7 @@ import jax.numpy as jnp
 ATTENTION_TYPES = ("local", "global")
 QUERY_SCALINGS = ("head_dim", "embed_over_heads")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLS = ("xla", "dot_product_attention")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "splash")
 DPA_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
@@ -48,11 +48,16 @@ class ModelConfig:
       "dot_product_attention" (`jax.nn.dot_product_attention`, sliding window
       through its local_window_size, packing through a segment mask). The
       latter has no logit soft-cap, so it needs attn_logits_soft_cap = None.
-      Decoding with a KV cache always uses the reference path.
+      "splash": the TPU splash attention kernel (models/splash_attention.py;
+      soft-cap, window and segments inside the kernel; the Pallas interpreter
+      off TPU, for tests). Decoding with a KV cache always uses the reference
+      path.
     dpa_implementation: `implementation` of jax.nn.dot_product_attention:
       None (jax chooses; XLA in jax 0.10), "xla", or "cudnn" (NVIDIA GPUs,
       bf16/fp16 flash attention). Only with attention_impl =
       "dot_product_attention".
+    splash_block_size: query/key tile of attention_impl="splash", a multiple
+      of 128 (clipped to the sequence length, which must be a multiple of it).
     causal_block_size: reference path without a KV cache: global (causal)
       layers cut the queries into blocks of this many positions and score
       block n against keys [0, (n + 1) * block) only (the causal lower
@@ -82,6 +87,7 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: str = "xla"
   dpa_implementation: str | None = None
+  splash_block_size: int = 512
   causal_block_size: int | None = None
 
   def __post_init__(self):
@@ -111,6 +117,9 @@ class ModelConfig:
     if self.causal_block_size is not None and self.causal_block_size <= 0:
       problems.append(f"causal_block_size must be a positive int or None, got "
                       f"{self.causal_block_size}")
+    if self.splash_block_size <= 0 or self.splash_block_size % 128:
+      problems.append("splash_block_size must be a positive multiple of 128 (the "
+                      f"TPU lane width), got {self.splash_block_size}")
     if self.attention_impl not in ATTENTION_IMPLS:
       problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got "
                       f"{self.attention_impl!r}")
