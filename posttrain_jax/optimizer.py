@@ -31,12 +31,17 @@ def decay_mask(params):
 
 def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
           eps: float = 1e-8, weight_decay: float = 0.1,
-          clip_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
-  """Clip by global norm (if set), then AdamW with decoupled weight decay."""
+          clip_grad_norm: float | None = 1.0,
+          mu_dtype: str | None = None) -> optax.GradientTransformation:
+  """Clip by global norm (if set), then AdamW with decoupled weight decay.
+
+  mu_dtype: storage dtype of the first moment (e.g. "bfloat16", halving it);
+  None keeps the parameters' dtype. The second moment keeps the parameters'.
+  """
   parts = []
   if clip_grad_norm:
     parts.append(optax.clip_by_global_norm(clip_grad_norm))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype,
                            weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
@@ -54,10 +59,11 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_grad_norm: float | None = 1.0
+  mu_dtype: str | None = None
 
   def build(self, num_steps: int) -> tuple[optax.Schedule, optax.GradientTransformation]:
     schedule = warmup_cosine_schedule(self.learning_rate, self.warmup_steps,
                                       self.decay_steps or num_steps,
                                       self.end_learning_rate_ratio)
     return schedule, adamw(schedule, self.b1, self.b2, self.eps,
-                           self.weight_decay, self.clip_grad_norm)
+                           self.weight_decay, self.clip_grad_norm, self.mu_dtype)
