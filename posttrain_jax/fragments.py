@@ -14,8 +14,14 @@ Assignment of L layers to P layer fragments:
   sequential  contiguous blocks; the first L mod P fragments get one extra layer.
 Non-layer parameters (`embeddings`):
   "join"      joined to fragment 0 (so P = 1 is vanilla DiLoCo's whole model);
-  "separate"  a fragment of their own, appended last (P + 1 fragments in all).
-The paper does not say where embeddings go; both are reconstructions [M].
+  "separate"  a fragment of their own, appended last (P + 1 fragments in all);
+  "split"     each non-layer leaf cut along its axis 0 (the embedding table by
+              vocabulary rows, a norm scale by elements) into P contiguous
+              slices, slice p joining fragment p, so fragments are balanced:
+              with equal layer counts every fragment is 1/P of the model (a
+              joined embedding makes fragment 0 the largest, hence the peak
+              per-sync traffic; for Gemma-2-2B the embedding is 23% of it).
+The paper does not say where embeddings go; all three are reconstructions [M].
 
 A `Fragment` is static (hashable): a tuple of `Selector`s, each naming one leaf
 by its key path and, for scanned leaves, a static slice of axis 0. `take(tree,
@@ -46,7 +52,7 @@ import jax
 import numpy as np
 
 PATTERNS = ("strided", "sequential")
-EMBEDDINGS = ("join", "separate")
+EMBEDDINGS = ("join", "separate", "split")
 
 _LAYER_RE = re.compile(r"layer_(\d+)$")
 SCANNED_KEY = "layers"
@@ -55,10 +61,13 @@ SCANNED_KEY = "layers"
 @dataclasses.dataclass(frozen=True)
 class Selector:
   """One leaf (key path) and, for scanned leaves, the slice (start, stop, step)
-  of its axis 0; rows None means the whole leaf."""
+  of its axis 0; rows None means the whole leaf. row_tensors: each selected row
+  is a tensor of its own (a scanned layer: quantized with its own scale) or,
+  False, the slice is one tensor (a "split" embedding slice)."""
 
   path: tuple[str, ...]
   rows: tuple[int, int, int] | None = None
+  row_tensors: bool = True
 
   @property
   def name(self) -> str:
@@ -155,6 +164,15 @@ def make_fragments(params, num_fragments: int, pattern: str = "strided",
     return path[0] == SCANNED_KEY if scanned else bool(_LAYER_RE.match(path[0]))
 
   non_layer = tuple(Selector(p) for p in leaves if not is_layer(p))
+  split = [() for _ in assignment]
+  if embeddings == "split":
+    for path in (p for p in leaves if not is_layer(p)):
+      shape = leaves[path].shape
+      if not shape or shape[0] < len(assignment):  # too small to cut: fragment 0
+        split[0] += (Selector(path),)
+        continue
+      for p, chunk in enumerate(np.array_split(np.arange(shape[0]), len(assignment))):
+        split[p] += (Selector(path, (int(chunk[0]), int(chunk[-1]) + 1, 1), False),)
   fragments = []
   for p, layer_ids in enumerate(assignment):
     if scanned:
@@ -164,7 +182,8 @@ def make_fragments(params, num_fragments: int, pattern: str = "strided",
       wanted = {f"layer_{i}" for i in layer_ids}
       sel = tuple(Selector(path) for path in leaves if path[0] in wanted)
     join = embeddings == "join" and p == 0
-    fragments.append(Fragment(p, layer_ids, join, (non_layer if join else ()) + sel))
+    fragments.append(Fragment(p, layer_ids, join or bool(split[p]),
+                              (non_layer if join else split[p]) + sel))
   if embeddings == "separate" and non_layer:
     fragments.append(Fragment(len(fragments), (), True, non_layer))
   return tuple(fragments)

@@ -105,7 +105,9 @@ class DiLoCoConfig:
     num_fragments: P layer fragments; None -> one per 3 layers (or scanned
       groups), at least 1.
     pattern: "strided" or "sequential" (fragments.PATTERNS).
-    embeddings: "join" (non-layer params in fragment 0) or "separate".
+    embeddings: "join" (non-layer params in fragment 0), "separate" (their
+      own fragment) or "split" (cut into P slices, one per fragment: balanced
+      fragments); see fragments.py.
     overlap: τ, steps between an exchange's start and its outer update; < H.
     alpha: merge weight of the local replica params (0 = replace by θ̃).
     outer_lr, outer_momentum, nesterov: optax.sgd of the outer step
@@ -193,7 +195,7 @@ def init_state(inner_state, fragments: Sequence[fr.Fragment],
 
 def _quantize_selected(delta, frag: fr.Fragment, fmt: str, block: int | None):
   """Per-replica, per-tensor fake quantization of a fragment's Δ ([M, ...])."""
-  rows = {s.name: s.rows is not None for s in frag.selectors}
+  rows = {s.name: s.rows is not None and s.row_tensors for s in frag.selectors}
 
   def one(name, x):
     q = functools.partial(quantization.fake_quantize, format=fmt, block=block)
@@ -330,9 +332,9 @@ class Traffic:
       total = 0
       for s in f.selectors:
         shape = leaves[s.path].shape
-        if s.rows is None:
-          total += quantization.bytes_of(shape, fmt, block)
-        else:
+        if s.rows is None or not s.row_tensors:  # one tensor
+          total += quantization.bytes_of(fr._selected_shape(shape, s.rows), fmt, block)  # pylint: disable=protected-access
+        else:  # one tensor per row (a scanned layer's slice)
           total += len(range(*s.rows)) * quantization.bytes_of(shape[1:], fmt, block)
       payload.append(total)
     num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))

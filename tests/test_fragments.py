@@ -112,3 +112,40 @@ def test_errors():
     fr.make_fragments(abstract_params(), 7)
   with pytest.raises(ValueError, match="pattern"):
     fr.make_fragments(abstract_params(), 2, "random")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_split_embeddings_balance_fragments_and_peak_traffic(scan):
+  # "split" cuts the embedding table (vocab rows) and the final norm into P
+  # slices, one per fragment: equal fragments, so the peak per-sync payload is
+  # exactly 1/P of a full sync; "join" puts it all in fragment 0.
+  from posttrain_jax.streaming_diloco import Traffic  # pylint: disable=import-outside-toplevel
+  params = abstract_params(scan, num_layers=4)
+  split = fr.make_fragments(params, 2, "strided", "split")
+  joined = fr.make_fragments(params, 2, "strided", "join")
+  assert split[0].size(params) == split[1].size(params) == total_size(params) // 2
+  assert joined[0].size(params) > joined[1].size(params)
+  emb = [s for f in split for s in f.selectors if s.name == "embedder/embedding"]
+  assert [s.rows for s in emb] == [(0, 32, 1), (32, 64, 1)] and not emb[0].row_tensors
+  assert all(f.has_non_layer for f in split)
+  for fmt in ("fp4_e3m0", "int8", "none"):
+    t = Traffic.build(params, split, fmt, None)
+    assert t.payload_bytes[0] == t.payload_bytes[1] == t.full_sync_bytes // 2
+    assert max(Traffic.build(params, joined, fmt, None).payload_bytes) > t.full_sync_bytes // 2
+  # an embedding slice is one tensor: FP4 payload = its codes + one fp32 scale
+  fp4 = Traffic.build(params, split, "fp4_e3m0", None).payload_bytes[0]
+  one = {s.name: s for s in split[0].selectors}
+  layer_bytes = Traffic.build(params, (fr.Fragment(0, (), False, tuple(
+      s for s in split[0].selectors if s.rows is None or s.row_tensors)),),
+                              "fp4_e3m0", None).payload_bytes[0]
+  assert fp4 - layer_bytes == (32 * 16) // 2 + 4 + 8 // 2 + 4  # embedding + norm slices
+  assert "final_norm/scale" in one
+  # take / put round trip on real arrays
+  values = jax.tree.map(lambda x: jnp.arange(np.prod(x.shape), dtype=jnp.float32).reshape(
+      x.shape), params)
+  for f in split:
+    got = fr.take(values, f)
+    np.testing.assert_array_equal(got["embedder/embedding"], np.asarray(
+        values["embedder"]["embedding"])[slice(*emb[f.index].rows)])
+    back = fr.put(values, f, got)
+    jax.tree.map(np.testing.assert_array_equal, back, values)
