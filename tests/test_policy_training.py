@@ -101,7 +101,9 @@ def test_rl_steps_on_8_devices(tmp_path, sft_dir, ici, ema_rate):
       assert np.isfinite(m[key]), key
     assert m["nonfinite"] == 0.0 and 1.0 <= m["response_length"] <= 6.0
   first = result.metrics[1]
-  assert first["kl_sft"] == 0.0 and first["kl_anchor"] == 0.0  # policy == SFT == anchor
+  # policy == SFT == anchor: zero up to float32 rounding (the policy's
+  # log-probs and the reference's come from different compiled programs)
+  assert abs(first["kl_sft"]) < 1e-5 and abs(first["kl_anchor"]) < 1e-5
   assert first["grad_norm"] > 0.0
   state = result.state
   params, anchor, sft = leaves(state.params), leaves(state.anchor_params), sft_leaves(sft_dir)
@@ -110,7 +112,7 @@ def test_rl_steps_on_8_devices(tmp_path, sft_dir, ici, ema_rate):
   for a, w in zip(anchor, want):
     np.testing.assert_array_equal(a, w)
   for m in result.metrics.values():  # mu = 0: anchor is the SFT; mu = 1: the sampling policy
-    assert m["kl_anchor"] == (m["kl_sft"] if ema_rate == 0.0 else 0.0)
+    assert m["kl_anchor"] == pytest.approx(m["kl_sft"] if ema_rate == 0.0 else 0.0, abs=1e-5)
   assert result.metrics[3]["kl_sft"] != 0.0
 
 
