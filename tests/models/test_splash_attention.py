@@ -11,7 +11,7 @@ import pytest
 
 from posttrain_jax import partitioning
 from posttrain_jax.models.attention import Attention
-from tests.models.test_attention import attn_params, rand, reference_attention, tiny_config
+from test_attention import attn_params, rand, reference_attention, tiny_config  # pylint: disable=g-bad-import-order
 
 LENGTH = 256  # two 128-position kernel blocks
 
