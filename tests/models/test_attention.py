@@ -455,7 +455,7 @@ def test_local_layer_uses_blocks_only_when_window_is_short():
 
 
 @pytest.mark.parametrize("length, block, packed, cap", [
-    (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 1, False, None),
+    (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 2, False, None),
     (20, 6, True, 2.0), (9, 20, False, 3.0)])
 def test_causal_block_attention_equals_masked_full(length, block, packed, cap):
   # Forward and gradients equal masked full causal attention (window None),
@@ -469,12 +469,12 @@ def test_causal_block_attention_equals_masked_full(length, block, packed, cap):
   if packed:
     cut = length // 3
     seg = jnp.asarray([[1] * cut + [2] * (length - cut), [1] * length], jnp.int32)
-  blocked = lambda q, key, value: causal_block_attention(q, key, value, seg, block, cap)
+  blocked = jax.jit(lambda q, key, value: causal_block_attention(q, key, value, seg, block, cap))
   full = lambda q, key, value: _full_local_attention(q, key, value, seg, None, cap)
   np.testing.assert_allclose(blocked(q, key, value), full(q, key, value),
                              rtol=1e-5, atol=1e-6)
   cot = jnp.asarray(rand(4, (b, length, h, hd)))
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2)))(
       q, key, value)
   for a, c in zip(grads(blocked), grads(full)):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
