@@ -87,7 +87,7 @@ class Fragment:
 
   def shapes(self, tree) -> dict[str, tuple[int, ...]]:
     leaves = _leaves_by_path(tree)
-    return {s.name: _selected_shape(leaves[s.path].shape, s.rows)
+    return {s.name: selected_shape(leaves[s.path].shape, s.rows)
             for s in self.selectors}
 
 
@@ -103,7 +103,8 @@ def _leaves_by_path(tree) -> dict[tuple[str, ...], Any]:
   return {tuple(_key(k) for k in path): leaf for path, leaf in flat}
 
 
-def _selected_shape(shape, rows):
+def selected_shape(shape, rows):
+  """Shape of leaf[rows] (the whole shape when rows is None)."""
   if rows is None:
     return tuple(shape)
   return (len(range(*rows)),) + tuple(shape[1:])

@@ -333,7 +333,7 @@ class Traffic:
       for s in f.selectors:
         shape = leaves[s.path].shape
         if s.rows is None or not s.row_tensors:  # one tensor
-          total += quantization.bytes_of(fr._selected_shape(shape, s.rows), fmt, block)  # pylint: disable=protected-access
+          total += quantization.bytes_of(fr.selected_shape(shape, s.rows), fmt, block)
         else:  # one tensor per row (a scanned layer's slice)
           total += len(range(*s.rows)) * quantization.bytes_of(shape[1:], fmt, block)
       payload.append(total)

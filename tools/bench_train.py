@@ -204,8 +204,8 @@ def parse_parallelism(text: str, flag: str) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in text.split(","))):
     axis, eq, degree = part.partition("=")
     if not eq or axis.strip() not in partitioning.MESH_AXES:
-      raise ConfigError(f"--{flag}: expected AXIS=DEGREE with AXIS in "
-                        f"{', '.join(partitioning.MESH_AXES)}, got {part!r}.")
+      raise ConfigError(f"--{flag}: expected NAME=INT pairs, e.g. 'fsdp=8', with NAME "
+                        f"in {', '.join(partitioning.MESH_AXES)}; got {part!r}.")
     try:
       out[axis.strip()] = int(degree)
     except ValueError:

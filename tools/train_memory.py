@@ -37,6 +37,8 @@ from posttrain_jax.models.config import REMAT_POLICIES
 from posttrain_jax.optimizer import OptimizerConfig
 from posttrain_jax.trainer import Trainer
 
+from bench_train import parse_parallelism  # tools/bench_train.py, this script's folder
+
 GIB = 1024 ** 3
 
 
@@ -59,16 +61,6 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
-def _parallelism(text: str) -> dict[str, int]:
-  out = {}
-  for part in filter(None, (t.strip() for t in text.split(","))):
-    name, _, value = part.partition("=")
-    if not value.lstrip("-").isdigit():
-      raise ConfigError(f"--ici {text!r}: expected NAME=INT pairs, e.g. 'fsdp=8'.")
-    out[name.strip()] = int(value)
-  return out
-
-
 def _bytes(tree) -> int:
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -83,7 +75,7 @@ def plan(args) -> dict:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   schedule, tx = OptimizerConfig(mu_dtype=args.mu_dtype).build(1000)
-  mesh = partitioning.create_mesh(_parallelism(args.ici), {})
+  mesh = partitioning.create_mesh(parse_parallelism(args.ici, "ici"), {})
   trainer = Trainer(Transformer(cfg), tx, schedule, mesh,
                     num_microbatches=args.num_microbatches,
                     loss_chunk_size=args.loss_chunk_size)

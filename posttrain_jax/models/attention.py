@@ -256,28 +256,11 @@ class Attention(nn.Module):
 
     batch, length = x.shape[:2]
     window = cfg.sliding_window_size if self.attention_type == "local" else None
-    if cfg.attention_impl == "splash" and cache is None:
-      from posttrain_jax.models.splash_attention import splash_attention  # pylint: disable=import-outside-toplevel
-      out = splash_attention(q, key, value, segment_ids, window,
-                             cfg.attn_logits_soft_cap, cfg.splash_block_size)
-      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-      return token_dense(out, w_o, in_dims=2)
-    if cfg.attention_impl == "dot_product_attention" and cache is None:
-      out = dot_product_attention(q, key, value, segment_ids, window,
-                                  cfg.dpa_implementation)
-      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-      return token_dense(out, w_o, in_dims=2)
-    if window is not None and cache is None and 2 * window < length:
-      out = local_block_attention(q, key, value, segment_ids, window,
-                                  cfg.attn_logits_soft_cap)
-      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-      return token_dense(out, w_o, in_dims=2)
-    if (window is None and cache is None and cfg.causal_block_size
-        and cfg.causal_block_size < length):
-      out = causal_block_attention(q, key, value, segment_ids, cfg.causal_block_size,
-                                   cfg.attn_logits_soft_cap)
-      out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-      return token_dense(out, w_o, in_dims=2)
+    if cache is None:
+      out = self._kernel_attention(q, key, value, segment_ids, window, length)
+      if out is not None:
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        return token_dense(out, w_o, in_dims=2)
 
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     k_index, k_segment_ids, new_cache = q_index, segment_ids, None
@@ -303,13 +286,30 @@ class Attention(nn.Module):
     q = q.reshape(batch, length, k, groups, hd)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, key,
                         preferred_element_type=jnp.float32)
-    scores = soft_cap(scores, cfg.attn_logits_soft_cap)
-
     mask = attention_mask(q_index, k_index, segment_ids, k_segment_ids, window)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    probs = _masked_softmax(scores, mask[:, None, None, :, :],
+                            cfg.attn_logits_soft_cap).astype(dtype)
 
     out = jnp.einsum("bkgts,bksd->btkgd", probs, value).reshape(batch, length, h, hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = token_dense(out, w_o, in_dims=2)
     return out if cache is None else (out, new_cache)
+
+  def _kernel_attention(self, q, key, value, segment_ids, window, length):
+    """[b, t, heads, d] by the configured kernel or a blocked path, or None
+    for the reference path (no KV cache here)."""
+    cfg = self.config
+    if cfg.attention_impl == "splash":
+      from posttrain_jax.models.splash_attention import splash_attention  # pylint: disable=import-outside-toplevel
+      return splash_attention(q, key, value, segment_ids, window,
+                              cfg.attn_logits_soft_cap, cfg.splash_block_size)
+    if cfg.attention_impl == "dot_product_attention":
+      return dot_product_attention(q, key, value, segment_ids, window,
+                                   cfg.dpa_implementation)
+    if window is not None and 2 * window < length:
+      return local_block_attention(q, key, value, segment_ids, window,
+                                   cfg.attn_logits_soft_cap)
+    if window is None and cfg.causal_block_size and cfg.causal_block_size < length:
+      return causal_block_attention(q, key, value, segment_ids, cfg.causal_block_size,
+                                    cfg.attn_logits_soft_cap)
+    return None

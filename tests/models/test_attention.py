@@ -409,11 +409,9 @@ def _full_local_attention(q, key, value, seg, window, cap):
   return jnp.einsum("bkgts,bskd->btkgd", p, value).reshape(b, t, h, hd)
 
 
-@pytest.mark.parametrize("length, window, packed, cap", [
-    (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 1, False, None),
-    (20, 3, True, 2.0)])
-def test_local_block_attention_equals_masked_full(length, window, packed, cap):
-  from posttrain_jax.models.attention import local_block_attention  # pylint: disable=import-outside-toplevel
+def _assert_blocked_equals_full(blocked, length, window, packed, cap):
+  """blocked(q, key, value, seg) equals masked full attention (window None:
+  causal), forward and gradients."""
   b, h, k, hd = 2, 4, 2, 8
   q = jnp.asarray(rand(1, (b, length, h, hd), 2.0))
   key = jnp.asarray(rand(2, (b, length, k, hd), 2.0))
@@ -422,15 +420,36 @@ def test_local_block_attention_equals_masked_full(length, window, packed, cap):
   if packed:
     cut = length // 3
     seg = jnp.asarray([[1] * cut + [2] * (length - cut), [1] * length], jnp.int32)
-  blocked = lambda q, key, value: local_block_attention(q, key, value, seg, window, cap)
+  fast = jax.jit(lambda q, key, value: blocked(q, key, value, seg))
   full = lambda q, key, value: _full_local_attention(q, key, value, seg, window, cap)
-  np.testing.assert_allclose(blocked(q, key, value), full(q, key, value),
+  np.testing.assert_allclose(fast(q, key, value), full(q, key, value),
                              rtol=1e-5, atol=1e-6)
   cot = jnp.asarray(rand(4, (b, length, h, hd)))
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2)))(
       q, key, value)
-  for a, c in zip(grads(blocked), grads(full)):
+  for a, c in zip(grads(fast), grads(full)):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+
+
+def _block_score_shapes(cfg, attention_type, length):
+  """Trailing [rows, keys] shapes of every array in the module's jaxpr."""
+  params = attn_params(cfg, seed=0)
+  x = rand(5, (2, length, cfg.embed_dim))
+  pos = np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))
+  module = Attention(cfg, attention_type)
+  jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, pos, None))(params, x)
+  return {tuple(v.aval.shape)[-2:] for e in jaxpr.jaxpr.eqns for v in e.outvars
+          if len(v.aval.shape) >= 2}
+
+
+@pytest.mark.parametrize("length, window, packed, cap", [
+    (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 1, False, None),
+    (20, 3, True, 2.0)])
+def test_local_block_attention_equals_masked_full(length, window, packed, cap):
+  from posttrain_jax.models.attention import local_block_attention  # pylint: disable=import-outside-toplevel
+  _assert_blocked_equals_full(
+      lambda q, key, value, seg: local_block_attention(q, key, value, seg, window, cap),
+      length, window, packed, cap)
 
 
 def test_local_layer_uses_blocks_only_when_window_is_short():
@@ -443,12 +462,10 @@ def test_local_layer_uses_blocks_only_when_window_is_short():
   np.testing.assert_allclose(run_attention(cfg, "local", params, x),
                              reference_attention(params, x, pos, None, cfg, "local"),
                              rtol=1e-4, atol=1e-5)
-  module = Attention(cfg, "local")
-  jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, pos, None))(params, x)
-  shapes = [tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars]
-  assert not any(s[-2:] == (9, 9) for s in shapes if len(s) >= 2)
+  shapes = _block_score_shapes(cfg, "local", 9)
+  assert (9, 9) not in shapes
   # rows: 3 positions x 2 query heads per kv head; keys: 2 windows
-  assert any(s[-2:] == (6, 6) for s in shapes if len(s) >= 2)
+  assert (6, 6) in shapes
 
 
 # ------------------------------------------------------------------ causal block attention
@@ -461,23 +478,9 @@ def test_causal_block_attention_equals_masked_full(length, block, packed, cap):
   # Forward and gradients equal masked full causal attention (window None),
   # including a last block shorter than `block` and a block longer than t.
   from posttrain_jax.models.attention import causal_block_attention  # pylint: disable=import-outside-toplevel
-  b, h, k, hd = 2, 4, 2, 8
-  q = jnp.asarray(rand(1, (b, length, h, hd), 2.0))
-  key = jnp.asarray(rand(2, (b, length, k, hd), 2.0))
-  value = jnp.asarray(rand(3, (b, length, k, hd)))
-  seg = None
-  if packed:
-    cut = length // 3
-    seg = jnp.asarray([[1] * cut + [2] * (length - cut), [1] * length], jnp.int32)
-  blocked = jax.jit(lambda q, key, value: causal_block_attention(q, key, value, seg, block, cap))
-  full = lambda q, key, value: _full_local_attention(q, key, value, seg, None, cap)
-  np.testing.assert_allclose(blocked(q, key, value), full(q, key, value),
-                             rtol=1e-5, atol=1e-6)
-  cot = jnp.asarray(rand(4, (b, length, h, hd)))
-  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * cot), argnums=(0, 1, 2)))(
-      q, key, value)
-  for a, c in zip(grads(blocked), grads(full)):
-    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+  _assert_blocked_equals_full(
+      lambda q, key, value, seg: causal_block_attention(q, key, value, seg, block, cap),
+      length, None, packed, cap)
 
 
 def test_global_layer_with_causal_block_size():
@@ -490,12 +493,10 @@ def test_global_layer_with_causal_block_size():
   np.testing.assert_allclose(run_attention(cfg, "global", params, x),
                              reference_attention(params, x, pos, None, cfg, "global"),
                              rtol=1e-4, atol=1e-5)
-  module = Attention(cfg, "global")
-  jaxpr = jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x, pos, None))(params, x)
-  shapes = [tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars]
-  assert not any(s[-2:] == (10, 10) for s in shapes if len(s) >= 2)
+  shapes = _block_score_shapes(cfg, "global", 10)
+  assert (10, 10) not in shapes
   # rows: block positions x 2 query heads per kv head; keys: the causal prefix
-  assert {(8, 4), (8, 8), (4, 10)} <= {s[-2:] for s in shapes if len(s) >= 2}
+  assert {(8, 4), (8, 8), (4, 10)} <= shapes
 
 
 def test_causal_block_size_validated():
