@@ -3,7 +3,9 @@
 `DiLoCoTrainer` is the sharded counterpart of `trainer.Trainer`: the M replica
 train states carry a leading axis sharded over the "replica" mesh axis (the
 DCN axis across slices), the outer parameters, outer optimizer state and
-in-flight pseudo-gradients are sharded like the parameters. The algorithm
+in-flight pseudo-gradients are sharded like the parameters. With that axis
+> 1, the exchange all-gathers the quantized codes over it
+(`diloco_exchange.sharded_exchange`). The algorithm
 itself (fragments, exchange, outer Nesterov step, merge) lives in
 `streaming_diloco`.
 """
@@ -20,9 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from posttrain_jax import fragments as fr
 from posttrain_jax import partitioning
+from posttrain_jax.diloco_exchange import sharded_exchange
 from posttrain_jax.streaming_diloco import (REPLICA_AXIS, ByteCounter, DiLoCoConfig,
                                             DiLoCoState, InnerStep, StreamingDiLoCo,
-                                            split_replicas)
+                                            exchange, split_replicas)
 from posttrain_jax.trainer import Trainer, TrainState, _MeshRules, train_step
 
 
@@ -72,21 +75,24 @@ class DiLoCoTrainer:
     inner_step = inner_step or functools.partial(
         train_step, model=model, tx=tx, schedule=schedule,
         num_microbatches=num_microbatches, z_loss=z_loss)
+    r = mesh.shape[REPLICA_AXIS]
+    param_sh = self.trainer.param_shardings
+    # replica axis sharded: all-gather the packed codes over it (diloco_exchange)
+    exchange_fn = (functools.partial(sharded_exchange, param_shardings=param_sh)
+                   if r > 1 else exchange)
     self.algo = StreamingDiLoCo(config, inner_step, self.trainer.abstract_state.params,
-                                spmd_axis_name=REPLICA_AXIS)
+                                spmd_axis_name=REPLICA_AXIS, exchange_fn=exchange_fn)
     self.algo._jit_inner = self._jit_inner  # pylint: disable=protected-access
     self.algo._jit_outer = self._jit_outer  # pylint: disable=protected-access
     self.fragments, self.schedule = self.algo.fragments, self.algo.schedule
     self.traffic = self.algo.traffic
 
-    r = mesh.shape[REPLICA_AXIS]
     if config.num_replicas % r:
       raise ValueError(f"num_replicas {config.num_replicas} is not divisible by the "
                        f"mesh's replica axis ({r}).")
     replicated = partitioning.replicated(mesh)
     stack = lambda s: NamedSharding(mesh, PartitionSpec(
         REPLICA_AXIS if r > 1 else None, *s.spec))
-    param_sh = self.trainer.param_shardings
 
     def frag_sharding(s, rows):
       return s if rows is None else NamedSharding(mesh, PartitionSpec(None, *s.spec[1:]))

@@ -144,6 +144,22 @@ def _block_scale(absmax, format):
   return _int8_step(absmax) if format == "int8" else absmax
 
 
+def scale_of(absmax: jax.Array, format: str) -> jax.Array:
+  """A block's float32 scale from its max |x| (int8: the step; fp4: absmax)."""
+  return _block_scale(absmax, format)
+
+
+def encode(x: jax.Array, scale: jax.Array, format: str) -> jax.Array:
+  """Elementwise codes (int8, or unpacked uint8 for fp4_e3m0) of float32 x
+  given its blocks' scales broadcast to x."""
+  return _int8_encode(x, scale) if format == "int8" else _fp4_encode(x, scale)
+
+
+def decode(codes: jax.Array, scale: jax.Array, format: str) -> jax.Array:
+  """Inverse of `encode`: float32 values of the codes."""
+  return _int8_decode(codes, scale) if format == "int8" else _fp4_decode(codes, scale)
+
+
 # ----------------------------------------------------------- packed tensors
 
 def _blocks(flat, block):

@@ -27,13 +27,14 @@ for every replica (broadcast, not vmapped), is never donated and gets no
 gradient or update; pass it to `train_step(..., aux=...)`. With aux None (the
 default) the step is called with two arguments.
 
-The exchange inside one program. Δ_{m,p} passes through
-`quantization.fake_quantize` (bit-identical to dequantize(quantize(.)) of the
-real codes), then the mean over the replica axis (an all-reduce over "replica"
-when it is sharded). So the numerics are those of exchanging codes and reducing
-in fp32, although the simulated all-reduce itself moves fp32 values; the wire
-bytes of a real exchange of codes are counted statically (`Traffic`). θ̃ is
-kept in the params' dtype; Δ, its average and the merge are computed in fp32.
+The exchange. `exchange` (the reference) passes Δ_{m,p} through
+`quantization.fake_quantize` (bit-identical to dequantize(quantize(.))), then
+takes the fp32 mean over replicas: a sharded replica axis would move fp32.
+`DiLoCoTrainer` (mesh replica axis > 1) uses `diloco_exchange.sharded_exchange`
+(same bits): the packed codes (uint8 FP4, int8, bf16) and fp32 scales are
+all-gathered over "replica", the mean is local; only per-block scales whose
+blocks cross shard boundaries still move fp32. `Traffic` counts the bytes of
+the codes. θ̃ is kept in the params' dtype; Δ, its mean and the merge are fp32.
 
 Schedule compilation. The schedule is static (Python): `SyncSchedule.event(t)`
 gives the (sync, apply) fragment sets after step t, at most 2F + 1 distinct
@@ -218,10 +219,16 @@ def exchange(outer, replica_params_, frag: fr.Fragment, participating: jax.Array
            for k in theta}
   delta = _quantize_selected(delta, frag, fmt, block)
   w = participating.astype(jnp.float32)
-  count = jnp.sum(w)
-  mean = {k: jnp.tensordot(w, v, axes=1) / jnp.maximum(count, 1.0)
-          for k, v in delta.items()}
-  return mean, count
+  return {k: replica_mean(w, v) for k, v in delta.items()}, jnp.sum(w)
+
+
+def replica_mean(w: jax.Array, values: jax.Array) -> jax.Array:
+  """Σ_m w_m values[m] / max(Σ_m w_m, 1) in fp32, summed in the fixed order
+  m = 0, 1, ... and scaled by the scalar reciprocal (a division of the tensor
+  may compile to either), so that sharded exchanges give the same bits."""
+  total = functools.reduce(lambda acc, m: acc + w[m] * values[m],
+                           range(1, values.shape[0]), w[0] * values[0])
+  return total * (1.0 / jnp.maximum(jnp.sum(w), 1.0))
 
 
 def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, count,
@@ -278,14 +285,16 @@ def outer_update(state: DiLoCoState, participating: jax.Array, *,
                  fragments: Sequence[fr.Fragment], event: fr.Event,
                  outer_tx: optax.GradientTransformation, alpha: float,
                  quantization_format: str = "fp4_e3m0",
-                 quant_block: int | None = None) -> DiLoCoState:
-  """`event`'s exchanges (first) and outer updates + merges."""
+                 quant_block: int | None = None,
+                 exchange_fn: Callable = exchange) -> DiLoCoState:
+  """`event`'s exchanges (first; `exchange_fn` has `exchange`'s signature)
+  and outer updates + merges."""
   params = state.replicas.params
   outer, opt, inflight = state.outer_params, list(state.outer_opt_state), list(
       state.inflight)
   for p in event.sync:
-    delta, count = exchange(outer, params, fragments[p], participating,
-                            quantization_format, quant_block)
+    delta, count = exchange_fn(outer, params, fragments[p], participating,
+                               quantization_format, quant_block)
     inflight[p] = {"delta": delta, "count": count}
   for p in event.apply:
     outer, opt[p], params = apply_outer(outer, opt[p], params, fragments[p],
@@ -300,7 +309,8 @@ def diloco_step(state: DiLoCoState, batch, participating: jax.Array, aux=None, *
                 inner_step: InnerStep, fragments: Sequence[fr.Fragment],
                 event: fr.Event, outer_tx: optax.GradientTransformation,
                 alpha: float, quantization_format: str = "fp4_e3m0",
-                quant_block: int | None = None, spmd_axis_name: str | None = None):
+                quant_block: int | None = None, spmd_axis_name: str | None = None,
+                exchange_fn: Callable = exchange):
   """One whole Streaming DiLoCo step as one pure function: inner_update then
   outer_update for `event`."""
   state, metrics = inner_update(state, batch, aux, inner_step=inner_step,
@@ -308,7 +318,7 @@ def diloco_step(state: DiLoCoState, batch, participating: jax.Array, aux=None, *
   state = outer_update(state, participating, fragments=fragments, event=event,
                        outer_tx=outer_tx, alpha=alpha,
                        quantization_format=quantization_format,
-                       quant_block=quant_block)
+                       quant_block=quant_block, exchange_fn=exchange_fn)
   return state, metrics
 
 
@@ -402,8 +412,9 @@ class StreamingDiLoCo:
   """
 
   def __init__(self, config: DiLoCoConfig, inner_step: InnerStep, params,
-               spmd_axis_name: str | None = None):
+               spmd_axis_name: str | None = None, exchange_fn: Callable = exchange):
     self.config = config
+    self.exchange_fn = exchange_fn
     self.inner_step = inner_step
     self.fragments = config.make_fragments(params)
     self.schedule = fr.SyncSchedule(len(self.fragments), config.sync_every,
@@ -447,7 +458,8 @@ class StreamingDiLoCo:
     c = self.config
     return functools.partial(
         outer_update, fragments=self.fragments, event=event, outer_tx=self.outer_tx,
-        alpha=c.alpha, quantization_format=c.quantization, quant_block=c.quant_block)
+        alpha=c.alpha, quantization_format=c.quantization, quant_block=c.quant_block,
+        exchange_fn=self.exchange_fn)
 
   def _jit_inner(self, fn):
     return _jit_inner_cached(self.inner_step, self.spmd_axis_name)
