@@ -107,9 +107,15 @@ def test_replica_axis_must_fit_num_replicas():
                batch_size=8)
 
 
-@pytest.mark.parametrize("experiment,replicas,fragments", [
-    ("data_parallel", None, None), ("diloco_h30", 2, 1), ("streaming_fp4", 2, 2)])
-def test_experiment_gins_configure(experiment, replicas, fragments):
+@pytest.mark.parametrize("experiment,replicas,fragments,sync_every,steps,block", [
+    ("data_parallel", None, None, None, 1200, None),
+    ("diloco_h30", 2, 1, 30, 1200, None),
+    ("streaming_fp4", 2, 2, 30, 1200, None),
+    ("streaming_fp4_h15", 2, 2, 15, 1200, None),
+    ("data_parallel_1800", None, None, None, 1800, None),
+    ("streaming_fp4_h15_b128_1800", 2, 2, 15, 1800, 128)])
+def test_experiment_gins_configure(experiment, replicas, fragments, sync_every, steps,
+                                   block):
   main.register_configurables()
   gin.clear_config()
   try:
@@ -121,8 +127,11 @@ def test_experiment_gins_configure(experiment, replicas, fragments):
       assert diloco is None
     else:
       config = gin.get_configurable(sd.DiLoCoConfig)()
-      assert (config.num_replicas, config.num_fragments, config.sync_every) == (
-          replicas, fragments, 30)
-    assert gin.query_parameter("%BATCH_SIZE") == 16  # equal tokens in all three
+      assert (config.num_replicas, config.num_fragments, config.sync_every,
+              config.quant_block, config.quantization) == (
+                  replicas, fragments, sync_every, block,
+                  "none" if fragments == 1 else "fp4_e3m0")
+    assert gin.query_parameter("%BATCH_SIZE") == 16  # equal tokens in all of them
+    assert gin.query_parameter("%NUM_STEPS") == steps
   finally:
     gin.clear_config()
