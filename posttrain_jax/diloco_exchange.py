@@ -1,7 +1,10 @@
-"""Streaming DiLoCo's exchange over the "replica" mesh axis, moving the codes.
+"""Streaming DiLoCo's exchange: the reference, and over the "replica" mesh axis.
 
-`sharded_exchange` returns what `streaming_diloco.exchange` (the unsharded
-reference) returns, bit for bit, for one fragment p:
+`exchange` (the unsharded reference, also `streaming_diloco.exchange`) passes
+each replica's Δ_{m,p} through `quantization.fake_quantize` (bit-identical to
+dequantize(quantize(.))) and takes the fp32 mean over replicas
+(`replica_mean`): a sharded replica axis would move fp32. `sharded_exchange`
+returns what `exchange` returns, bit for bit, for one fragment p:
 
   Δ_{m,p} = θ̃_p - θ_{m,p}  (fp32),
   Δ_p = Σ_m w_m D(Q(Δ_{m,p})) / max(Σ_m w_m, 1),   w = participating (0/1)
@@ -47,6 +50,7 @@ bf16 / none always take the packed path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -55,7 +59,45 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from posttrain_jax import fragments as fr
 from posttrain_jax import quantization as q
-from posttrain_jax.streaming_diloco import REPLICA_AXIS, exchange, replica_mean
+
+REPLICA_AXIS = "replica"
+
+
+def _quantize_selected(delta, frag: fr.Fragment, fmt: str, block: int | None):
+  """Per-replica, per-tensor fake quantization of a fragment's Δ ([M, ...])."""
+  rows = {s.name: s.rows is not None and s.row_tensors for s in frag.selectors}
+
+  def one(name, x):
+    fq = functools.partial(q.fake_quantize, format=fmt, block=block)
+    if rows[name]:  # scanned slice: one tensor per layer (group) row
+      fq = jax.vmap(fq)
+    return jax.vmap(fq)(x)
+  return {k: one(k, v) for k, v in delta.items()}
+
+
+def exchange(outer, replica_params_, frag: fr.Fragment, participating: jax.Array,
+             fmt: str = "fp4_e3m0", block: int | None = None):
+  """Averaged pseudo-gradient of one fragment: (Δ_p by selector name, count).
+
+  Δ_{m,p} = θ̃_p - θ_{m,p} in fp32, quantized per replica and tensor, then the
+  fp32 mean over replicas with participating[m] = 1.
+  """
+  theta = fr.take(outer, frag)
+  local = jax.vmap(lambda t: fr.take(t, frag))(replica_params_)
+  delta = {k: theta[k].astype(jnp.float32)[None] - local[k].astype(jnp.float32)
+           for k in theta}
+  delta = _quantize_selected(delta, frag, fmt, block)
+  w = participating.astype(jnp.float32)
+  return {k: replica_mean(w, v) for k, v in delta.items()}, jnp.sum(w)
+
+
+def replica_mean(w: jax.Array, values: jax.Array) -> jax.Array:
+  """Σ_m w_m values[m] / max(Σ_m w_m, 1) in fp32, summed in the fixed order
+  m = 0, 1, ... and scaled by the scalar reciprocal (a division of the tensor
+  may compile to either), so that sharded exchanges give the same bits."""
+  total = functools.reduce(lambda acc, m: acc + w[m] * values[m],
+                           range(1, values.shape[0]), w[0] * values[0])
+  return total * (1.0 / jnp.maximum(jnp.sum(w), 1.0))
 
 
 @dataclasses.dataclass(frozen=True)

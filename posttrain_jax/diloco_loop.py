@@ -6,10 +6,14 @@ around a `diloco_trainer.DiLoCoTrainer`, plus what differs:
 
 - the evaluated / counted parameters are the OUTER parameters θ̃
   (`eval_params`); checkpoints hold the whole DiLoCoState (replicas, θ̃, outer
-  optimizer, in-flight pseudo-gradients), so a resume mid-window is exact;
+  optimizer, in-flight pseudo-gradients), so a resume mid-window is exact
+  (with τ >= 1 an exchange started after the checkpoint step runs in the
+  resumed run's first program, recomputed from the checkpointed θ̃ and
+  replicas: streaming_diloco, Deferred exchanges);
 - the host step picks each step's schedule event (no device read);
 - traffic: a `ByteCounter` (rebuilt with `counter_at` on resume) written to
-  TensorBoard as traffic/* scalars and summarised in the final log line.
+  TensorBoard as traffic/* scalars and summarised in the final log line; an
+  exchange counts at the step that starts it (diloco_traffic).
 
 Replicas and the mesh: the M replicas sit on the mesh's "replica" axis. Either
 mesh.shape["replica"] == M (one replica per device group, e.g.

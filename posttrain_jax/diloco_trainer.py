@@ -8,6 +8,19 @@ in-flight pseudo-gradients are sharded like the parameters. With that axis
 (`diloco_exchange.sharded_exchange`). The algorithm
 itself (fragments, exchange, outer Nesterov step, merge) lives in
 `streaming_diloco`.
+
+Programs (`streaming_diloco`, Programs), jitted here with the state's
+shardings, the replica state, θ̃ and in-flight Δ donated. Step t (the t-th
+inner step, host step count t - 1 in `train_step`) runs:
+  - τ >= 1, S = event(t - 1).sync not empty: fused(S), one program holding
+    S's exchanges (u8 FP4 codes all-gathered over "replica" under shard_map)
+    and the vmapped inner step t, independent of each other, so the DCN
+    all-gather can overlap the inner step's compute;
+  - otherwise: the inner program (vmapped inner step only);
+  then, if the step's outer event is not empty, the outer program: with τ >= 1
+  event(t).apply's outer updates + merges only, with τ = 0 event(t)'s
+  exchanges, then its applies. `lower_step(step)` lowers the program that
+  runs a step's inner step (e.g. to read its HLO).
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ class DiLoCoTrainer:
   The loop feeds the same global [B, T] batches as for `Trainer`
   (`shard_batch`); the step splits them into M contiguous row blocks, one per
   replica. `train_step(state, batch, step)` takes the host's step count to pick
-  the event's program; `event(step)` and a `ByteCounter` (`new_counter`) give
+  the step's programs; `event(step)` and a `ByteCounter` (`new_counter`) give
   the traffic. Evaluate `state.outer_params` with `eval_sums`.
 
   Other trainers: `inner_step` replaces the LM step, e.g.
@@ -66,7 +79,8 @@ class DiLoCoTrainer:
                schedule: optax.Schedule, mesh: jax.sharding.Mesh,
                config: DiLoCoConfig, rules=partitioning.DEFAULT_RULES,
                num_microbatches: int = 1, z_loss: float = 0.0,
-               inner_step: InnerStep | None = None, aux_shardings=None):
+               inner_step: InnerStep | None = None, aux_shardings=None,
+               fuse_exchange: bool = True):
     self.mesh, self.rules, self.config = mesh, rules, config
     self.aux_shardings = aux_shardings
     self.inner_rules = without_mesh_axis(rules)
@@ -81,9 +95,11 @@ class DiLoCoTrainer:
     exchange_fn = (functools.partial(sharded_exchange, param_shardings=param_sh)
                    if r > 1 else exchange)
     self.algo = StreamingDiLoCo(config, inner_step, self.trainer.abstract_state.params,
-                                spmd_axis_name=REPLICA_AXIS, exchange_fn=exchange_fn)
+                                spmd_axis_name=REPLICA_AXIS, exchange_fn=exchange_fn,
+                                fuse_exchange=fuse_exchange)
     self.algo._jit_inner = self._jit_inner  # pylint: disable=protected-access
     self.algo._jit_outer = self._jit_outer  # pylint: disable=protected-access
+    self.algo._jit_fused = self._jit_fused  # pylint: disable=protected-access
     self.fragments, self.schedule = self.algo.fragments, self.algo.schedule
     self.traffic = self.algo.traffic
 
@@ -122,23 +138,35 @@ class DiLoCoTrainer:
     inner = TrainState(jnp.zeros((), jnp.int32), params, self.trainer.tx.init(params))
     return self.algo.init_fn(inner)
 
-  def _jit_inner(self, inner_fn):
-    m = self.config.num_replicas
+  def _split(self, batch):
+    """Global [B, ...] -> [M, B/M, ...], the replica axis on "replica"."""
     spec = self._replica_batch_spec
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))),
+                        split_replicas(batch, self.config.num_replicas))
 
+  def _aux_in(self) -> tuple:
+    return () if self.aux_shardings is None else (self.aux_shardings,)
+
+  def _jit_inner(self, inner_fn):
     def fn(step, replicas, batch, *aux):
-      batch = split_replicas(batch, m)
-      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-          x, NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))), batch)
-      return inner_fn(step, replicas, batch, *aux)
+      return inner_fn(step, replicas, self._split(batch), *aux)
     replicated = partitioning.replicated(self.mesh)
     replica_sh = self.state_shardings.replicas
-    in_shardings = (replicated, replica_sh, self.batch_sharding)
-    if self.aux_shardings is not None:
-      in_shardings += (self.aux_shardings,)
+    in_shardings = (replicated, replica_sh, self.batch_sharding) + self._aux_in()
     return jax.jit(fn, in_shardings=in_shardings,
                    out_shardings=(replicated, replica_sh, replicated),
                    donate_argnums=(0, 1))
+
+  def _jit_fused(self, fused_fn):
+    def fn(state, batch, participating, *aux):
+      return fused_fn(state, self._split(batch), participating, *aux)
+    replicated = partitioning.replicated(self.mesh)
+    in_shardings = (self.state_shardings, self.batch_sharding,
+                    replicated) + self._aux_in()
+    return jax.jit(fn, in_shardings=in_shardings,
+                   out_shardings=(self.state_shardings, replicated),
+                   donate_argnums=(0,))
 
   def _jit_outer(self, outer_fn):
     replicated = partitioning.replicated(self.mesh)
@@ -176,6 +204,26 @@ class DiLoCoTrainer:
           f"{'None' if self.aux_shardings is None else 'given'}.")
     with _MeshRules(self.mesh, self.inner_rules):
       return self.algo.train_step(state, batch, step, participating, aux)
+
+  def lower_step(self, step: int, batch_size: int, seq_len: int, aux=None):
+    """jax.stages.Lowered of the program running the inner step taken when
+    `step` steps are done (fused with its pending exchanges, or the inner
+    program), for an LM batch of [batch_size, seq_len] int32 tokens."""
+    pending, _ = self.algo.programs(step)
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32,
+                                  sharding=self.batch_sharding)
+    batch = dict(decoder_input_tokens=tokens, decoder_target_tokens=tokens,
+                 decoder_loss_weights=jax.ShapeDtypeStruct(
+                     (batch_size, seq_len), jnp.float32, sharding=self.batch_sharding))
+    extra = () if aux is None else (aux,)
+    m = self.config.num_replicas
+    with _MeshRules(self.mesh, self.inner_rules):
+      if pending:
+        return self.algo.compiled_fused(pending).lower(
+            self.abstract_state, batch, jax.ShapeDtypeStruct((m,), jnp.float32),
+            *extra)
+      return self.algo.compiled_inner().lower(
+          self.abstract_state.step, self.abstract_state.replicas, batch, *extra)
 
   def eval_sums(self, params, batch):
     return self.trainer.eval_sums(params, batch)

@@ -27,28 +27,48 @@ for every replica (broadcast, not vmapped), is never donated and gets no
 gradient or update; pass it to `train_step(..., aux=...)`. With aux None (the
 default) the step is called with two arguments.
 
-The exchange. `exchange` (the reference) passes Δ_{m,p} through
-`quantization.fake_quantize` (bit-identical to dequantize(quantize(.))), then
-takes the fp32 mean over replicas: a sharded replica axis would move fp32.
-`DiLoCoTrainer` (mesh replica axis > 1) uses `diloco_exchange.sharded_exchange`
-(same bits): the packed codes (uint8 FP4, int8, bf16) and fp32 scales are
-all-gathered over "replica", the mean is local; only per-block scales whose
-blocks cross shard boundaries still move fp32. `Traffic` counts the bytes of
-the codes. θ̃ is kept in the params' dtype; Δ, its mean and the merge are fp32.
+The exchange (diloco_exchange.py). `exchange` (the reference) fake-quantizes
+each replica's Δ_{m,p} and takes the fp32 mean over replicas;
+`sharded_exchange` (`DiLoCoTrainer`, mesh replica axis > 1, same bits)
+all-gathers the packed codes and scales over "replica". θ̃ is kept in the
+params' dtype; Δ, its mean and the merge are fp32.
 
-Schedule compilation. The schedule is static (Python): `SyncSchedule.event(t)`
-gives the (sync, apply) fragment sets after step t, at most 2F + 1 distinct
-events whatever H is. A step runs as two jitted programs picked on the host from
-its step number: the inner program (the vmapped inner step, the same for every
-step, compiled once) and, when the event is not empty, that event's outer
-program (its exchanges and outer updates only, compiled once per distinct event
-and small: fragment-sized work plus in-place merges into the donated replica
-params). Why not one program per event: each would recompile the whole inner
-step, up to 2F + 1 times (minutes each at scale). Why not `lax.switch` on the
-step counter: every branch would have to return the whole state (copies of
-replica params in the no-op branches) and would hide collectives inside
-conditionals. `diloco_step` composes the two pure functions for callers that
-want a single program.
+Programs. The schedule is static (Python): `SyncSchedule.event(t)` gives the
+(sync, apply) fragment sets after step t, at most 2F + 1 distinct events
+whatever H is. `StreamingDiLoCo.train_step` runs step t (the t-th inner step)
+as at most two jitted programs, picked on the host from t (`programs`):
+
+  τ = 0:   inner; then, if event(t) is not empty, outer(event(t)): its
+           exchanges, then its outer updates + merges.
+  τ >= 1:  S = event(t - 1).sync, the exchanges started after step t - 1:
+           S empty -> inner; else fused(S): S's exchanges and inner step t in
+           one program, without data dependence between them (the exchange
+           reads θ̃_p and θ_{m,p} before step t's update), so XLA's latency-
+           hiding scheduler can overlap the collective over "replica" with the
+           inner step's compute; then, if event(t).apply is not empty,
+           outer(Event(apply=event(t).apply)): outer updates + merges only.
+
+inner (the vmapped inner step) is compiled once, outer(e) once per distinct
+event (fragment-sized work plus in-place merges into the donated replica
+params), fused(S) once per distinct S (at most F). fused(S) gives the values of
+running S's exchanges after step t - 1 (`fuse_exchange=False`): in between only
+event(t - 1)'s applies run, on fragments not in S (none syncs and applies after
+the same step when 1 <= τ < H), and fragments are disjoint: θ̃_p and θ_{m,p}
+are the same bits. Not one program per event: each would recompile the whole
+inner step (up to 2F + 1 times, minutes each at scale). Not `lax.switch` on the
+step: every branch would return the whole state (copies of the replica params)
+and hide collectives inside conditionals. `diloco_step` composes inner and
+outer (the τ = 0 order) as one pure function.
+
+Deferred exchanges (τ >= 1). After step t, inflight[p] of p in event(t).sync
+still holds fragment p's previous Δ_p (already applied; zeros at first): step
+t + 1's program computes the new one. A checkpoint after step t holds the θ̃
+and θ_{m,p} it is computed from, and S is a function of t, so the resumed run's
+first program recomputes it: resume is exact. θ̃ (evaluated, exported) changes
+only at applies. The exchange started after a run's last step is not run (its
+update would come after the end); its bytes count at that step all the same
+(diloco_traffic). The `participating` mask of step t waits on the host for step
+t + 1 (a new process resuming after step t: `defer_participation`, else all).
 
 Dropped replicas (simulated failures or stragglers). `participating` ([M], 0/1,
 an input of every step, used at syncs) leaves replicas out of a sync: Δ_p
@@ -60,15 +80,8 @@ its momentum and the replicas' θ_{m,p} stay as they are).
 Outer optimizer state is kept per fragment (tx.init of the fragment's values),
 so any elementwise optax optimizer steps each fragment once per window.
 
-Bytes (`Traffic`, host-side Python ints; static per event). One replica's
-payload for fragment p is the sum over its tensors (each per-layer slice of a
-scanned leaf is its own tensor) of `quantization.bytes_of` in the exchange
-format: FP4 is |fragment| * 4 bits + 4 bytes per scale. `ByteCounter` sums, per
-step: sent_bytes (payload x participating replicas), replica_bytes (what one
-always-participating replica sent), peak_step_bytes (the most one replica sends
-after one step), and the data-parallel equivalents: each replica all-reducing
-its full gradient every step, n_params x dp_bytes_per_param (default: the
-params' dtype size; fp32 here) per replica per step.
+Bytes: `Traffic` and `ByteCounter` (diloco_traffic.py, host-side ints) count
+the FP4 codes and scales per sync and the data-parallel equivalent.
 
 Hyperparameter provenance: H = 100, τ = 1, α = 0.5, M = 2, fragments of 3
 layers, strided, FP4 E3M0 [V/S]; outer lr 0.4 [S]; outer momentum 0.9, per-tensor
@@ -78,21 +91,25 @@ FP4 scales, fragment offsets t_p = round(p H / F) [M] (reconstructions).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import collections
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from posttrain_jax import fragments as fr
+from posttrain_jax import diloco_exchange as dx
+from posttrain_jax import diloco_traffic
 from posttrain_jax import quantization
 
-REPLICA_AXIS = "replica"
+# re-exported: the reference exchange and the byte counters live in their modules
+REPLICA_AXIS, exchange, replica_mean = dx.REPLICA_AXIS, dx.exchange, dx.replica_mean
+Traffic, ByteCounter = diloco_traffic.Traffic, diloco_traffic.ByteCounter
+
 InnerStep = Callable[..., tuple[Any, dict]]  # (state, batch[, aux]) -> (state, metrics)
 
 
@@ -158,7 +175,8 @@ class DiLoCoState:
   """step: inner steps taken; replicas: the inner state with a leading [M] axis
   on every leaf; outer_params: θ̃ (one copy); outer_opt_state: one per
   fragment; inflight: per fragment {"delta": averaged Δ_p (fp32, by selector
-  name), "count": participants of its last exchange}."""
+  name), "count": participants of its last exchange}; with τ >= 1, of the
+  last exchange run (see Deferred exchanges in the module docstring)."""
 
   step: jax.Array
   replicas: Any
@@ -192,43 +210,6 @@ def init_state(inner_state, fragments: Sequence[fr.Fragment],
                               for k, v in fr.take(params, f).items()},
                     "count": jnp.zeros((), jnp.float32)} for f in fragments)
   return DiLoCoState(jnp.zeros((), jnp.int32), replicas, params, opt, inflight)
-
-
-def _quantize_selected(delta, frag: fr.Fragment, fmt: str, block: int | None):
-  """Per-replica, per-tensor fake quantization of a fragment's Δ ([M, ...])."""
-  rows = {s.name: s.rows is not None and s.row_tensors for s in frag.selectors}
-
-  def one(name, x):
-    q = functools.partial(quantization.fake_quantize, format=fmt, block=block)
-    if rows[name]:  # scanned slice: one tensor per layer (group) row
-      q = jax.vmap(q)
-    return jax.vmap(q)(x)
-  return {k: one(k, v) for k, v in delta.items()}
-
-
-def exchange(outer, replica_params_, frag: fr.Fragment, participating: jax.Array,
-             fmt: str = "fp4_e3m0", block: int | None = None):
-  """Averaged pseudo-gradient of one fragment: (Δ_p by selector name, count).
-
-  Δ_{m,p} = θ̃_p - θ_{m,p} in fp32, quantized per replica and tensor, then the
-  fp32 mean over replicas with participating[m] = 1.
-  """
-  theta = fr.take(outer, frag)
-  local = jax.vmap(lambda t: fr.take(t, frag))(replica_params_)
-  delta = {k: theta[k].astype(jnp.float32)[None] - local[k].astype(jnp.float32)
-           for k in theta}
-  delta = _quantize_selected(delta, frag, fmt, block)
-  w = participating.astype(jnp.float32)
-  return {k: replica_mean(w, v) for k, v in delta.items()}, jnp.sum(w)
-
-
-def replica_mean(w: jax.Array, values: jax.Array) -> jax.Array:
-  """Σ_m w_m values[m] / max(Σ_m w_m, 1) in fp32, summed in the fixed order
-  m = 0, 1, ... and scaled by the scalar reciprocal (a division of the tensor
-  may compile to either), so that sharded exchanges give the same bits."""
-  total = functools.reduce(lambda acc, m: acc + w[m] * values[m],
-                           range(1, values.shape[0]), w[0] * values[0])
-  return total * (1.0 / jnp.maximum(jnp.sum(w), 1.0))
 
 
 def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, count,
@@ -281,6 +262,21 @@ def inner_update(state: DiLoCoState, batch, aux=None, *, inner_step: InnerStep,
   return state.replace(step=step, replicas=replicas), metrics
 
 
+def start_exchanges(state: DiLoCoState, participating: jax.Array, *,
+                    fragments: Sequence[fr.Fragment], sync: Sequence[int],
+                    quantization_format: str = "fp4_e3m0",
+                    quant_block: int | None = None,
+                    exchange_fn: Callable = exchange) -> tuple:
+  """`state.inflight` with inflight[p] = {"delta": Δ_p, "count": Σ_m w_m} for p
+  in `sync`, Δ_p = exchange_fn(θ̃, θ_m, fragment p, w) read from `state`."""
+  inflight = list(state.inflight)
+  for p in sync:
+    delta, count = exchange_fn(state.outer_params, state.replicas.params, fragments[p],
+                               participating, quantization_format, quant_block)
+    inflight[p] = {"delta": delta, "count": count}
+  return tuple(inflight)
+
+
 def outer_update(state: DiLoCoState, participating: jax.Array, *,
                  fragments: Sequence[fr.Fragment], event: fr.Event,
                  outer_tx: optax.GradientTransformation, alpha: float,
@@ -289,20 +285,41 @@ def outer_update(state: DiLoCoState, participating: jax.Array, *,
                  exchange_fn: Callable = exchange) -> DiLoCoState:
   """`event`'s exchanges (first; `exchange_fn` has `exchange`'s signature)
   and outer updates + merges."""
-  params = state.replicas.params
-  outer, opt, inflight = state.outer_params, list(state.outer_opt_state), list(
-      state.inflight)
-  for p in event.sync:
-    delta, count = exchange_fn(outer, params, fragments[p], participating,
-                               quantization_format, quant_block)
-    inflight[p] = {"delta": delta, "count": count}
+  inflight = start_exchanges(state, participating, fragments=fragments,
+                             sync=event.sync, quantization_format=quantization_format,
+                             quant_block=quant_block, exchange_fn=exchange_fn)
+  params, outer, opt = state.replicas.params, state.outer_params, list(
+      state.outer_opt_state)
   for p in event.apply:
     outer, opt[p], params = apply_outer(outer, opt[p], params, fragments[p],
                                         inflight[p]["delta"], inflight[p]["count"],
                                         outer_tx, alpha)
   return state.replace(replicas=state.replicas.replace(params=params),
                        outer_params=outer, outer_opt_state=tuple(opt),
-                       inflight=tuple(inflight))
+                       inflight=inflight)
+
+
+def overlapped_update(state: DiLoCoState, batch, participating: jax.Array, aux=None,
+                      *, inner_step: InnerStep, fragments: Sequence[fr.Fragment],
+                      sync: Sequence[int], quantization_format: str = "fp4_e3m0",
+                      quant_block: int | None = None,
+                      spmd_axis_name: str | None = None,
+                      exchange_fn: Callable = exchange):
+  """Inner step t + 1 and the exchanges of `sync` (= event(t).sync, τ >= 1)
+  as one pure function without data dependence between the two:
+
+    inflight[p] <- exchange(θ̃_p, θ_{m,p} after step t, participating)  (p in sync)
+    θ_m <- inner_step(θ_m, batch_m)                                      (every m)
+
+  (`participating`: the mask given for step t.) The same values as
+  outer_update(event(t)) after step t: see the module docstring (Programs)."""
+  inflight = start_exchanges(state, participating, fragments=fragments, sync=sync,
+                             quantization_format=quantization_format,
+                             quant_block=quant_block, exchange_fn=exchange_fn)
+  step, replicas, metrics = replica_steps(state.step, state.replicas, batch, aux,
+                                          inner_step=inner_step,
+                                          spmd_axis_name=spmd_axis_name)
+  return state.replace(step=step, replicas=replicas, inflight=inflight), metrics
 
 
 def diloco_step(state: DiLoCoState, batch, participating: jax.Array, aux=None, *,
@@ -322,87 +339,17 @@ def diloco_step(state: DiLoCoState, batch, participating: jax.Array, aux=None, *
   return state, metrics
 
 
-# ------------------------------------------------------------------ traffic
-
-@dataclasses.dataclass(frozen=True)
-class Traffic:
-  """Static wire sizes: payload_bytes[p] is what one replica sends when
-  fragment p syncs; dp_step_bytes what it sends per data-parallel step."""
-
-  payload_bytes: tuple[int, ...]
-  dp_step_bytes: int
-  num_params: int
-
-  @classmethod
-  def build(cls, params, fragments: Sequence[fr.Fragment], fmt: str,
-            block: int | None, dp_bytes_per_param: int | None = None) -> "Traffic":
-    leaves = fr._leaves_by_path(params)  # pylint: disable=protected-access
-    payload = []
-    for f in fragments:
-      total = 0
-      for s in f.selectors:
-        shape = leaves[s.path].shape
-        if s.rows is None or not s.row_tensors:  # one tensor
-          total += quantization.bytes_of(fr.selected_shape(shape, s.rows), fmt, block)
-        else:  # one tensor per row (a scanned layer's slice)
-          total += len(range(*s.rows)) * quantization.bytes_of(shape[1:], fmt, block)
-      payload.append(total)
-    num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-    per = dp_bytes_per_param or max(np.dtype(x.dtype).itemsize
-                                    for x in jax.tree.leaves(params))
-    return cls(tuple(payload), num * per, num)
-
-  @property
-  def full_sync_bytes(self) -> int:
-    return sum(self.payload_bytes)
-
-  def step_bytes(self, event: fr.Event) -> int:
-    return sum(self.payload_bytes[p] for p in event.sync)
-
-
-@dataclasses.dataclass
-class ByteCounter:
-  """Cumulative traffic of a run (host-side; see the module docstring)."""
-
-  traffic: Traffic
-  num_replicas: int
-  steps: int = 0
-  sent_bytes: int = 0
-  replica_bytes: int = 0
-  peak_step_bytes: int = 0
-
-  def update(self, event: fr.Event, participants: int | None = None) -> None:
-    n = self.num_replicas if participants is None else int(participants)
-    step = self.traffic.step_bytes(event)
-    self.steps += 1
-    self.replica_bytes += step
-    self.sent_bytes += step * n
-    self.peak_step_bytes = max(self.peak_step_bytes, step)
-
-  @property
-  def dp_replica_bytes(self) -> int:
-    return self.steps * self.traffic.dp_step_bytes
-
-  @property
-  def dp_sent_bytes(self) -> int:
-    return self.dp_replica_bytes * self.num_replicas
-
-  def as_dict(self) -> dict[str, int]:
-    return {"sent_bytes": self.sent_bytes, "replica_bytes": self.replica_bytes,
-            "peak_step_bytes": self.peak_step_bytes,
-            "dp_replica_bytes": self.dp_replica_bytes,
-            "dp_sent_bytes": self.dp_sent_bytes,
-            "dp_peak_step_bytes": self.traffic.dp_step_bytes}
-
-
 # ------------------------------------------------------------------ wrappers
 
 class StreamingDiLoCo:
-  """Streaming DiLoCo around any inner step: one jitted inner program plus one
-  small jitted outer program per distinct schedule event.
+  """Streaming DiLoCo around any inner step: the jitted programs of the module
+  docstring (Programs), each compiled once and picked on the host per step.
 
   No explicit shardings (jit infers them from the inputs); `DiLoCoTrainer`
-  adds the mesh for the LM trainer.
+  adds the mesh for the LM trainer. fuse_exchange=False (τ >= 1) runs each
+  exchange after its own step in an outer program, as with τ = 0 (a reference
+  and a baseline; the same values). `dispatches` counts the programs run, by
+  key ("inner",), ("fused", sync) or ("outer", event).
 
   Usage:
     algo = StreamingDiLoCo(config, inner_step, params)
@@ -412,19 +359,24 @@ class StreamingDiLoCo:
   """
 
   def __init__(self, config: DiLoCoConfig, inner_step: InnerStep, params,
-               spmd_axis_name: str | None = None, exchange_fn: Callable = exchange):
+               spmd_axis_name: str | None = None, exchange_fn: Callable = exchange,
+               fuse_exchange: bool = True):
     self.config = config
     self.exchange_fn = exchange_fn
     self.inner_step = inner_step
     self.fragments = config.make_fragments(params)
     self.schedule = fr.SyncSchedule(len(self.fragments), config.sync_every,
                                     config.overlap)
+    self.fused = fuse_exchange and config.overlap >= 1
     self.outer_tx = config.outer_optimizer()
     self.traffic = Traffic.build(params, self.fragments, config.quantization,
                                  config.quant_block, config.dp_bytes_per_param)
     self.spmd_axis_name = spmd_axis_name
+    self.dispatches: collections.Counter = collections.Counter()
     self._inner: Callable | None = None
     self._outer: dict[fr.Event, Callable] = {}
+    self._fused: dict[tuple[int, ...], Callable] = {}
+    self._masks: dict[int, jax.Array] = {}  # step -> mask of its deferred exchanges
 
   def new_counter(self) -> ByteCounter:
     return ByteCounter(self.traffic, self.config.num_replicas)
@@ -448,6 +400,17 @@ class StreamingDiLoCo:
     """The event of the step taken when `step` inner steps are done."""
     return self.schedule.event(step + 1)
 
+  def programs(self, step: int) -> tuple[tuple[int, ...], fr.Event]:
+    """(pending, after) for the step taken when `step` inner steps are done:
+    the fragments whose exchange runs in that step's program (fused with the
+    inner step; () -> the plain inner program) and the event of the outer
+    program run after it (empty -> none)."""
+    event = self.event(step)
+    if not self.fused:
+      return (), event
+    pending = self.event(step - 1).sync if step >= 1 else ()
+    return pending, fr.Event(apply=event.apply)
+
   def inner_fn(self) -> Callable:
     """Pure (step, replicas, batch [M, ...][, aux]) -> (step, replicas, metrics)."""
     return functools.partial(replica_steps, inner_step=self.inner_step,
@@ -461,11 +424,22 @@ class StreamingDiLoCo:
         alpha=c.alpha, quantization_format=c.quantization, quant_block=c.quant_block,
         exchange_fn=self.exchange_fn)
 
+  def fused_fn(self, sync: tuple[int, ...]) -> Callable:
+    """Pure (state, batch [M, ...], participating [M][, aux]) -> (state,
+    metrics): `overlapped_update` for the pending exchanges `sync`."""
+    c = self.config
+    return functools.partial(
+        overlapped_update, inner_step=self.inner_step, fragments=self.fragments,
+        sync=sync, quantization_format=c.quantization, quant_block=c.quant_block,
+        spmd_axis_name=self.spmd_axis_name, exchange_fn=self.exchange_fn)
+
   def _jit_inner(self, fn):
     return _jit_inner_cached(self.inner_step, self.spmd_axis_name)
 
-  def _jit_outer(self, fn):
+  def _jit_outer(self, fn):  # also the fused programs: the state is donated
     return jax.jit(fn, donate_argnums=(0,))
+
+  _jit_fused = _jit_outer
 
   def compiled_inner(self) -> Callable:
     if self._inner is None:
@@ -477,6 +451,11 @@ class StreamingDiLoCo:
       self._outer[event] = self._jit_outer(self.outer_fn(event))
     return self._outer[event]
 
+  def compiled_fused(self, sync: tuple[int, ...]) -> Callable:
+    if sync not in self._fused:
+      self._fused[sync] = self._jit_fused(self.fused_fn(sync))
+    return self._fused[sync]
+
   def participation(self, participating=None) -> jax.Array:
     m = self.config.num_replicas
     if participating is None:
@@ -487,19 +466,39 @@ class StreamingDiLoCo:
                        f"{participating.shape}.")
     return participating
 
+  def defer_participation(self, step: int, participating) -> None:
+    """Sets the mask of the exchanges started after the step taken when `step`
+    steps are done, run by the next step's program (fused scheme). train_step
+    records it; a run resumed after that step in a new process calls this to
+    restore a non-default mask (default: every replica)."""
+    self._masks[step] = self.participation(participating)
+
   def train_step(self, state: DiLoCoState, batch, step: int | None = None,
                  participating=None, aux=None):
     """`step` = inner steps already taken (= state.step), which the host loop
     knows; None reads state.step from the device (a synchronisation). `aux`
-    (e.g. a frozen teacher's params) goes to every replica's inner step."""
+    (e.g. a frozen teacher's params) goes to every replica's inner step.
+    `participating` is the mask of this step's exchanges (event(step).sync),
+    wherever they run."""
     if step is None:
       step = int(jax.device_get(state.step))
-    args = (state.step, state.replicas, batch) + (() if aux is None else (aux,))
-    new_step, replicas, metrics = self.compiled_inner()(*args)
-    state = state.replace(step=new_step, replicas=replicas)
-    event = self.event(step)
-    if event.sync or event.apply:
-      state = self.compiled_outer(event)(state, self.participation(participating))
+    pending, after = self.programs(step)
+    extra = () if aux is None else (aux,)
+    if pending:
+      mask = self.participation(self._masks.get(step - 1))
+      state, metrics = self.compiled_fused(pending)(state, batch, mask, *extra)
+      self.dispatches[("fused", pending)] += 1
+    else:
+      new_step, replicas, metrics = self.compiled_inner()(
+          state.step, state.replicas, batch, *extra)
+      state = state.replace(step=new_step, replicas=replicas)
+      self.dispatches[("inner",)] += 1
+    self._masks = {k: v for k, v in self._masks.items() if k >= step}  # used
+    if self.fused and self.event(step).sync:
+      self.defer_participation(step, participating)
+    if after.sync or after.apply:
+      state = self.compiled_outer(after)(state, self.participation(participating))
+      self.dispatches[("outer", after)] += 1
     return state, metrics
 
 

@@ -2,7 +2,7 @@
 tests/test_streaming_diloco_multihost.py).
 
 usage: python diloco_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS
-Prints one JSON line: per-replica losses of two steps, per-leaf sums of the
+Prints one JSON line: per-replica losses of three steps, per-leaf sums of the
 outer params and of the in-flight pseudo-gradient, and which processes hold each replica.
 """
 
@@ -39,7 +39,9 @@ state = trainer.init_state(jax.random.key(0))
 B, T = 8, 8
 rows = slice(pid * B // nproc, (pid + 1) * B // nproc)
 losses = []
-for step in range(2):  # t=1: fragment 1 starts its exchange; t=2: 0 starts, 1 applied
+# t=1: fragment 1 starts its exchange; t=2: fragment 0 starts, 1 applied; t=3:
+# 0 applied, 1 starts (τ = 1: each exchange runs in the next step's program)
+for step in range(3):
   tokens = np.random.default_rng(step).integers(0, 64, (B, T + 1)).astype(np.int32)
   batch = dict(decoder_input_tokens=tokens[:, :-1], decoder_target_tokens=tokens[:, 1:],
                decoder_loss_weights=np.ones((B, T), np.float32))
@@ -47,7 +49,8 @@ for step in range(2):  # t=1: fragment 1 starts its exchange; t=2: 0 starts, 1 a
   state, metrics = trainer.train_step(state, trainer.shard_batch(local), step)
   losses.append(np.asarray(metrics["loss_per_replica"].addressable_data(0)).tolist())
 
-# fragment 1 has been applied to θ̃; fragment 0's averaged Δ is still in flight
+# both fragments have been applied to θ̃; fragment 0's averaged Δ (computed in
+# step 3's program, fused with its inner step) is the one just applied
 sums = jax.jit(lambda t: jax.tree.map(lambda x: jnp.sum(jnp.abs(x)), t),
                out_shardings=partitioning.replicated(mesh))(
                    {"outer": state.outer_params, "inflight0": state.inflight[0]["delta"]})

@@ -50,7 +50,8 @@ def test_gin_streaming_diloco_trains_reports_traffic_and_resumes_exactly(tmp_pat
   assert np.isfinite(full.eval_metrics[8]["loss"])
   # 2 fragments, H = 4, offsets 0 and 2: fragment 1 syncs at steps 2, 6
   # (applied at 3, 7), fragment 0 at 4, 8 (applied at 5): every fragment synced
-  # twice in 8 steps, except fragment 0's second exchange, which is in flight
+  # twice in 8 steps, except fragment 0's second exchange, which is counted but
+  # never run (τ = 1: it would run in step 9's program)
   t = full.traffic
   assert t["replica_bytes"] > 0 and t["sent_bytes"] == 2 * t["replica_bytes"]
   assert t["dp_replica_bytes"] == 8 * t["dp_peak_step_bytes"]
@@ -64,7 +65,8 @@ def test_gin_streaming_diloco_trains_reports_traffic_and_resumes_exactly(tmp_pat
   steps = [e.step for e in acc.Tensors("traffic/sent_bytes")]
   assert steps == [2, 4, 6, 8]
 
-  # "preempted" after step 6: fragment 1's exchange of step 6 is in flight
+  # "preempted" after step 6: fragment 1's exchange of step 6 is deferred to
+  # step 7's program, which the resumed run computes from the checkpoint
   first = gin_train(tmp_path / "split", 6)
   for step in range(1, 7):
     np.testing.assert_allclose(first.losses[step], full.losses[step], rtol=1e-6)
