@@ -33,7 +33,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8.0",
     "matplotlib>=3.10",
 ]
-TEST_REQUIRES = ["pytest>=8", "torch==2.13.0", "transformers>=5.24.0"]
+TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3.8", "torch==2.13.0", "transformers>=5.24.0"]
 
 setuptools.setup(
     name="posttrain_jax",

@@ -33,3 +33,12 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 from posttrain_jax import host_allocator  # pylint: disable=wrong-import-position
 
 host_allocator.configure()
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pytest.ini): one worker per core, at most 4. Most tests compile
+  and run small programs on one thread, so two workers on two cores nearly
+  halve the suite's time; each worker holds its own 8 virtual devices and
+  models, hence the cap. `-n 0` runs in one process (e.g. to debug a test)."""
+  del config
+  return max(1, min(os.cpu_count() or 1, 4))
