@@ -27,6 +27,10 @@ KL(pi || .) at temperature 1), shaped_reward (r_beta), entropy (per response
 token), response_length, loss, grad_norm, learning_rate; eval/* on held-out
 prompts adds the per-token exact KL to the SFT model.
 
+Streaming DiLoCo (diloco=DiLoCoConfig): M policy replicas, replica m samples
+and updates on row block m of each step with its own params θ_m, each with its
+own EMA anchor; eval/* and exports use the outer params θ̃ (`diloco_policy`).
+
 Temperature: as in WARP, responses are sampled at `temperature` (0.9) while
 the surrogate and r_beta use the untempered log pi; at temperature != 1 the
 update is therefore the usual practical approximation of the policy gradient
@@ -47,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from posttrain_jax import params_checkpoint, partitioning, reward_model
+from posttrain_jax import diloco_policy, params_checkpoint, partitioning, reward_model
 from posttrain_jax import policy_gradient as pg
 from posttrain_jax import rewards as rewards_lib
 from posttrain_jax.checkpointing import Checkpointer
@@ -59,6 +63,7 @@ from posttrain_jax.progress import ProgressReporter
 from posttrain_jax.step_loop import StepLoop
 from posttrain_jax.sampling import Sampler, SamplingConfig
 from posttrain_jax.sequence_kl import expected_token_kl, mc_sequence_kl
+from posttrain_jax.streaming_diloco import DiLoCoConfig
 from posttrain_jax.trainer import TrainState, optimizer_step
 
 ANCHORS = ("ema", "sft")
@@ -165,6 +170,7 @@ class PolicyTrainer:
     pg.check_baseline(baseline, samples_per_prompt)
     self.model = Transformer(model_config)
     self.tx, self.mesh, self.rules, self.anchor = tx, mesh, rules, anchor
+    self.schedule = schedule
     abstract, self.param_shardings = partitioning.params_and_shardings(
         lambda: self.model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"],
         mesh, rules)
@@ -269,7 +275,8 @@ class PolicyResult:
   resumed_from: int | None
   preempted: bool = False
   skipped_steps: int = 0
-  state: PolicyState | None = None     # the final state (on device)
+  state: PolicyState | None = None     # the final state (on device; DiLoCoState with diloco)
+  traffic: dict[str, float] | None = None  # DiLoCo bytes (DiLoCoLoop.traffic)
 
 
 def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: str,
@@ -289,7 +296,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                  log_every: int = 10, eos_id: int | None = 1,
                  nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
                  operative_config: str | None = None, prompt_source=None,
-                 eval_prompt_list: list[list[int]] | None = None) -> PolicyResult:
+                 eval_prompt_list: list[list[int]] | None = None,
+                 diloco: DiLoCoConfig | None = None) -> PolicyResult:
   """KL-regularised REINFORCE from an SFT model for `num_steps` steps.
 
   Args:
@@ -315,6 +323,11 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       eval/kl_sft, eval/kl_sft_per_token, eval/entropy, eval/response_length.
     prompt_source / eval_prompt_list: replace the prompt tasks (tests): an
       iterator like data.prompts.PromptIterator, and token-id prompts.
+    diloco: train the policy with Streaming DiLoCo (`diloco_policy`): M
+      replicas, replica m samples and updates on row block m of each step's
+      batch with its own params θ_m (EMA anchor per replica); eval/* and
+      checkpoint exports use the outer params θ̃; traffic/* scalars. The batch
+      must be a multiple of num_replicas x the batch shards.
   """
   if not initial_checkpoint:
     raise ValueError("train_policy needs initial_checkpoint: the SFT model directory "
@@ -357,19 +370,29 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                     mesh)
   sft_params = params_checkpoint.restore_params(initial_checkpoint, trainer.abstract_params,
                                                 model_config)
+  step_trainer, eval_params = trainer, lambda s: s.params
+  if diloco is not None:
+    step_trainer = diloco_policy.policy_loop(
+        trainer, diloco, batch_size=batch_size, beta=beta, ema_rate=ema_rate,
+        baseline=baseline, samples_per_prompt=samples_per_prompt,
+        num_microbatches=num_microbatches)
+    eval_params = step_trainer.eval_params
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every, max_to_keep=keep_checkpoints,
                               async_save=async_checkpointing)
   resumed_from = checkpointer.latest_step()
   if resumed_from is not None:
-    state, data_state = checkpointer.restore(resumed_from, trainer.abstract_state)
+    state, data_state = checkpointer.restore(resumed_from, step_trainer.abstract_state)
     if "prompts" in data_state:
       data.set_state(data_state["prompts"])
     origin = f"resumed from step {resumed_from}"
   else:
-    state = trainer.init_state(sft_params)
+    state = (trainer.init_state(sft_params) if diloco is None else
+             step_trainer.trainer.state_from_params(sft_params))
     origin = f"initialised from {os.path.abspath(initial_checkpoint)}"
   start = int(jax.device_get(state.step))
+  if diloco is not None:
+    step_trainer.start(start)
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
                               log_every=log_every, shown=SHOWN)
   if operative_config:
@@ -382,8 +405,9 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   base_rng = jax.random.key(seed)
 
   def evaluate(step):
-    sample = sampler(state.params, eval_list, jax.random.fold_in(base_rng, 0))
-    metrics = trainer.eval_metrics(state.params, sft_params, sample_batch(sample, score(sample)))
+    params = eval_params(state)
+    sample = sampler(params, eval_list, jax.random.fold_in(base_rng, 0))
+    metrics = trainer.eval_metrics(params, sft_params, sample_batch(sample, score(sample)))
     if gold is not None:
       metrics["gold_reward"] = jnp.mean(gold(sample.tokens, sample.generated_mask))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -400,20 +424,33 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
       lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
       prompt_list = [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())]
-      sample = sampler(state.params, prompt_list, jax.random.fold_in(base_rng, step),
-                       prompt_length=rows.shape[1])
-      state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
+      key = jax.random.fold_in(base_rng, step)
+      if diloco is None:
+        sample = sampler(state.params, prompt_list, key, prompt_length=rows.shape[1])
+        state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
+      else:  # block m sampled from replica m's params
+        sample = diloco_policy.sample_replicas(sampler, state, prompt_list, key,
+                                               rows.shape[1], trainer.param_shardings)
+        state, metrics = step_trainer.train_step(
+            state, diloco_policy.loop_batch(step_trainer, sample_batch(sample, score(sample))),
+            sft_params)
       if gold is not None:
         metrics["gold_reward"] = jnp.mean(gold(sample.tokens, sample.generated_mask))
       loop.end_step(step, state, metrics)
       if step % log_every == 0 or step == num_steps:
-        history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        history[step] = {k: float(v) for k, v in jax.device_get(metrics).items()
+                         if jnp.ndim(v) == 0}
+        if diloco is not None:
+          step_trainer.write_traffic(reporter, step)
       if eval_list and ((eval_every and step % eval_every == 0) or step == num_steps):
         eval_history[step] = evaluate(step)
     loop.finish(state)
+    if diloco is not None:
+      reporter.print(step_trainer.summary())
   finally:
     loop.close()
   return PolicyResult(final_step=loop.final_step,
                       metrics=history, eval_metrics=eval_history,
                       resumed_from=resumed_from, preempted=loop.preempted,
-                      skipped_steps=guard.skipped, state=state)
+                      skipped_steps=guard.skipped, state=state,
+                      traffic=step_trainer.traffic() if diloco is not None else None)
