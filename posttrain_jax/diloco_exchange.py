@@ -82,13 +82,22 @@ def exchange(outer, replica_params_, frag: fr.Fragment, participating: jax.Array
   Δ_{m,p} = θ̃_p - θ_{m,p} in fp32, quantized per replica and tensor, then the
   fp32 mean over replicas with participating[m] = 1.
   """
-  theta = fr.take(outer, frag)
-  local = jax.vmap(lambda t: fr.take(t, frag))(replica_params_)
-  delta = {k: theta[k].astype(jnp.float32)[None] - local[k].astype(jnp.float32)
-           for k in theta}
+  theta, local = _selected(outer, replica_params_, frag)
+  delta = {k: _pseudo_gradient(theta[k], local[k]) for k in theta}
   delta = _quantize_selected(delta, frag, fmt, block)
   w = participating.astype(jnp.float32)
   return {k: replica_mean(w, v) for k, v in delta.items()}, jnp.sum(w)
+
+
+def _selected(outer, replica_params_, frag: fr.Fragment):
+  """(θ̃_p, θ_{m,p} with a leading [M] axis), both by selector name."""
+  return (fr.take(outer, frag),
+          jax.vmap(lambda t: fr.take(t, frag))(replica_params_))
+
+
+def _pseudo_gradient(theta, local):
+  """Δ_{m,p} = θ̃_p - θ_{m,p} in fp32 ([M, ...] from θ̃ [...] and θ_m [M, ...])."""
+  return theta.astype(jnp.float32)[None] - local.astype(jnp.float32)
 
 
 def replica_mean(w: jax.Array, values: jax.Array) -> jax.Array:
@@ -231,8 +240,7 @@ def sharded_exchange(outer, replica_params_, frag: fr.Fragment,
   replica params must be sharded P("replica", *param_spec). Use it as
   `exchange_fn=functools.partial(sharded_exchange, param_shardings=...)`.
   """
-  theta = fr.take(outer, frag)
-  local = jax.vmap(lambda t: fr.take(t, frag))(replica_params_)
+  theta, local = _selected(outer, replica_params_, frag)
   all_plans = plans(frag, param_shardings,
                     {k: v.shape for k, v in theta.items()}, fmt, block)
   packed = {k: p for k, p in all_plans.items() if p is not None}
@@ -250,7 +258,7 @@ def sharded_exchange(outer, replica_params_, frag: fr.Fragment,
     w = w.astype(jnp.float32)
     out = {}
     for k, plan in packed.items():
-      x = theta[k].astype(jnp.float32)[None] - local[k].astype(jnp.float32)
+      x = _pseudo_gradient(theta[k], local[k])
       codes, scales = _encode(x, plan, fmt, block)
       gather = lambda a: jax.lax.all_gather(a, REPLICA_AXIS, axis=0, tiled=True,
                                             to="invarying")

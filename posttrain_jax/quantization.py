@@ -140,13 +140,9 @@ def _int8_decode(codes, step):
   return codes.astype(jnp.float32) * step
 
 
-def _block_scale(absmax, format):
-  return _int8_step(absmax) if format == "int8" else absmax
-
-
 def scale_of(absmax: jax.Array, format: str) -> jax.Array:
   """A block's float32 scale from its max |x| (int8: the step; fp4: absmax)."""
-  return _block_scale(absmax, format)
+  return _int8_step(absmax) if format == "int8" else absmax
 
 
 def encode(x: jax.Array, scale: jax.Array, format: str) -> jax.Array:
@@ -202,12 +198,9 @@ def quantize(x: jax.Array, format: str = "fp4_e3m0", block: int | None = None
   if format == "bf16":
     return flat.astype(jnp.bfloat16), jnp.zeros((0,), jnp.float32)
   blocks, n = _blocks(flat, block)
-  scale = _block_scale(jnp.max(jnp.abs(blocks), axis=1), format)
-  if format == "int8":
-    codes = _int8_encode(blocks, scale[:, None]).reshape(-1)[:n]
-    return codes, scale
-  codes = _fp4_encode(blocks, scale[:, None]).reshape(-1)[:n]
-  return pack_fp4(codes), scale
+  scale = scale_of(jnp.max(jnp.abs(blocks), axis=1), format)
+  codes = encode(blocks, scale[:, None], format).reshape(-1)[:n]
+  return (codes if format == "int8" else pack_fp4(codes)), scale
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "format", "block"))
@@ -224,8 +217,7 @@ def dequantize(codes: jax.Array, scales: jax.Array, shape: Sequence[int],
   k = n if block is None else int(block)
   nb = num_blocks(n, block)
   per_element = jnp.repeat(scales, k, total_repeat_length=nb * k)[:n]
-  decode = _int8_decode if format == "int8" else _fp4_decode
-  return decode(codes, per_element).reshape(shape)
+  return decode(codes, per_element, format).reshape(shape)
 
 
 @functools.partial(jax.jit, static_argnames=("format", "block"))
@@ -249,12 +241,8 @@ def fake_quantize(x: jax.Array, format: str = "fp4_e3m0", block: int | None = No
   else:
     codes, scales = quantize(x, format, block)
     return dequantize(codes, scales, shape, format, block)
-  scale = _block_scale(jnp.max(jnp.abs(view), axis=axes, keepdims=True), format)
-  if format == "int8":
-    out = _int8_decode(_int8_encode(view, scale), scale)
-  else:
-    out = _fp4_decode(_fp4_encode(view, scale), scale)
-  return out.reshape(shape)
+  scale = scale_of(jnp.max(jnp.abs(view), axis=axes, keepdims=True), format)
+  return decode(encode(view, scale, format), scale, format).reshape(shape)
 
 
 def error_bound(x: np.ndarray, format: str, block: int | None = None) -> np.ndarray:
