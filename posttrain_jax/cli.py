@@ -21,7 +21,7 @@ import gin
 from gin import config as gin_config_lib
 from gin import config_parser
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+from posttrain_jax import GIN_DIR
 
 
 class ConfigError(Exception):
@@ -151,8 +151,12 @@ def strip_gin_context(text: str) -> str:
   return re.split(r"\n\s*In call to configurable", text)[0].strip()
 
 
-def configure(flags: GinFlags) -> None:
-  """Parses gin files then bindings (later wins); raises ConfigError."""
+def configure(flags: GinFlags, finalize: bool = True) -> None:
+  """Parses gin files then bindings (later wins); raises ConfigError.
+
+  finalize=False skips gin's finalize hooks (the check that every
+  %gin.REQUIRED value is set): parsing alone, e.g. to check a gin file.
+  """
   for path in [GIN_DIR, os.path.join(os.getcwd(), "gin"), os.getcwd(),
                *flags.search_paths]:
     gin.add_config_file_search_path(path)
@@ -180,7 +184,7 @@ def configure(flags: GinFlags) -> None:
     # Finalizing runs gin's checks for unset %gin.REQUIRED values and unknown
     # references now, before any work starts.
     gin.parse_config_files_and_bindings(flags.gin_files, flags.bindings,
-                                        finalize_config=True)
+                                        finalize_config=finalize)
   except (ValueError, SyntaxError, OSError, TypeError) as e:
     raise ConfigError(explain(e)) from e
 
@@ -204,7 +208,7 @@ def run_main(main: Callable[[Sequence[str]], int | None],
   First applies host_allocator.configure() (XLA:CPU's malloc settings), before
   any JAX computation starts.
   """
-  from posttrain_jax import distributed, host_allocator  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.core import distributed, host_allocator  # pylint: disable=g-import-not-at-top
   host_allocator.configure()
   argv = sys.argv[1:] if argv is None else argv
   try:

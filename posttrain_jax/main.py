@@ -5,7 +5,7 @@
 
 Registers the library's plain configuration classes and the jobs in `JOBS`
 with gin, parses the configuration and runs the job the gin files select with
-`job.name = "..."` (default "train": `posttrain_jax.train.train`). Configuration
+`job.name = "..."` (default "train": `posttrain_jax.jobs.train.train`). Configuration
 and input errors print one line and exit with status 2 (set
 POSTTRAIN_JAX_TRACEBACK=1 for the full traceback).
 """
@@ -21,22 +21,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import gin  # pylint: disable=g-import-not-at-top
 
 from posttrain_jax import cli
-from posttrain_jax import distributed
+from posttrain_jax.core import distributed
+from posttrain_jax.core.nonfinite_guard import NonFiniteError
+from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.data.dataset_config import PromptConfig
+from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.models import ModelConfig
-from posttrain_jax.nonfinite_guard import NonFiniteError
-from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.streaming_diloco import DiLoCoConfig
 
 # Job name (gin: `job.name = "..."`) -> "module:function". Each function takes
 # plain arguments plus `operative_config` and is registered under the job name.
 JOBS = {
-    "train": "posttrain_jax.train:train",
-    "train_reward_model": "posttrain_jax.reward_training:train_reward_model",
-    "train_policy": "posttrain_jax.policy_training:train_policy",
-    "distill": "posttrain_jax.distill:distill",
-    "distillation_demo": "posttrain_jax.distillation_demo:distillation_demo",
+    "train": "posttrain_jax.jobs.train:train",
+    "train_reward_model": "posttrain_jax.jobs.train_reward_model:train_reward_model",
+    "train_policy": "posttrain_jax.jobs.train_policy:train_policy",
+    "distill": "posttrain_jax.jobs.distill:distill",
+    "distillation_demo": "posttrain_jax.jobs.distillation_demo:distillation_demo",
 }
 
 

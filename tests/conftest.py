@@ -28,9 +28,9 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# The binaries' malloc settings for XLA:CPU (posttrain_jax/host_allocator.py),
+# The binaries' malloc settings for XLA:CPU (posttrain_jax/core/host_allocator.py),
 # applied before any test starts a JAX computation.
-from posttrain_jax import host_allocator  # pylint: disable=wrong-import-position
+from posttrain_jax.core import host_allocator  # pylint: disable=wrong-import-position
 
 host_allocator.configure()
 

@@ -1,5 +1,5 @@
 """One process of a local multi-process Streaming DiLoCo run (used by
-tests/test_streaming_diloco_multihost.py).
+tests/diloco/test_streaming_diloco_multihost.py).
 
 usage: python diloco_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS
 Prints one JSON line: per-replica losses of three steps, per-leaf sums of the
@@ -21,11 +21,11 @@ if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=nproc, process_id=pid)
 
-from posttrain_jax import partitioning  # pylint: disable=g-import-not-at-top
-from posttrain_jax import streaming_diloco as sd  # pylint: disable=g-import-not-at-top
-from posttrain_jax.diloco_trainer import DiLoCoTrainer  # pylint: disable=g-import-not-at-top
+from posttrain_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+from posttrain_jax.core.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
+from posttrain_jax.diloco import streaming_diloco as sd  # pylint: disable=g-import-not-at-top
+from posttrain_jax.diloco.trainer import DiLoCoTrainer  # pylint: disable=g-import-not-at-top
 from posttrain_jax.models import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
-from posttrain_jax.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
 
 cfg = ModelConfig(vocab_size=64, embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=1,
                   head_dim=8, mlp_dim=32, sliding_window_size=4)

@@ -1,4 +1,4 @@
-"""One process of a local multi-process run (used by tests/test_multihost.py).
+"""One process of a local multi-process run (used by tests/jobs/test_multihost.py).
 
 usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS
 Prints one JSON line: the losses of three train steps on a (replica=2, fsdp)
@@ -19,10 +19,10 @@ if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=nproc, process_id=pid)
 
-from posttrain_jax import partitioning  # pylint: disable=g-import-not-at-top
+from posttrain_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+from posttrain_jax.core.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
+from posttrain_jax.core.trainer import Trainer  # pylint: disable=g-import-not-at-top
 from posttrain_jax.models import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
-from posttrain_jax.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
-from posttrain_jax.trainer import Trainer  # pylint: disable=g-import-not-at-top
 
 cfg = ModelConfig(vocab_size=128, embed_dim=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, mlp_dim=64, sliding_window_size=8)

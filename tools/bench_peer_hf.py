@@ -1,7 +1,7 @@
 """The transformers (torch) peer of tools/bench_train.py: same shape, same weights.
 
 `run_peer` builds `transformers.Gemma2ForCausalLM` from our parameters
-(posttrain_jax.hf_gemma2.params_to_hf), then times the same step as ours on the
+(posttrain_jax.interop.hf_gemma2.params_to_hf), then times the same step as ours on the
 same numpy batches:
 
   train    forward, weighted next-token cross-entropy, backward, gradient
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from posttrain_jax import hf_gemma2
+from posttrain_jax.interop import hf_gemma2
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}

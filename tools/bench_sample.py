@@ -5,7 +5,7 @@
       [--no_hf] [--json]
 
 Both engines get the same random weights (ours exported with
-posttrain_jax.hf_gemma2.params_to_hf), the same left-padded prompts and greedy
+posttrain_jax.interop.hf_gemma2.params_to_hf), the same left-padded prompts and greedy
 decoding of exactly --new_tokens tokens (no EOS stop); the table shows new
 tokens/s, ms per decode step, the ratio, and the fraction of generated tokens
 on which the two engines agree (a same-function check). Imports no TensorFlow
@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import host_allocator, partitioning
+from posttrain_jax.core import host_allocator, partitioning
+from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import Transformer, presets
-from posttrain_jax.sampling import Sampler, SamplingConfig
 
 
 def parse_args(argv):
@@ -87,7 +87,7 @@ def time_ours(cfg, params, prompts, new_tokens, repeats, ici):
 def time_hf(cfg, params, prompts, new_tokens, repeats, device, dtype):
   import torch
   import transformers
-  from posttrain_jax import hf_gemma2
+  from posttrain_jax.interop import hf_gemma2
   hf_config = hf_gemma2.hf_config_from_model(cfg)
   hf_config.pop("dtype", None)
   config = transformers.Gemma2Config(**{**hf_config, "attn_implementation": "eager",

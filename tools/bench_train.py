@@ -68,12 +68,12 @@ import numpy as np
 
 import flax.linen as nn
 
-from posttrain_jax import partitioning
-from posttrain_jax.distillation_trainer import DistillationTrainer
+from posttrain_jax.core import partitioning
+from posttrain_jax.core.optimizer import OptimizerConfig
+from posttrain_jax.core.trainer import Trainer, TrainState
+from posttrain_jax.distillation.trainer import DistillationTrainer
 from posttrain_jax.models import ModelConfig, Transformer, presets
 from posttrain_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
-from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.trainer import Trainer, TrainState
 
 from bench_report import peak_tflops_for, table  # tools/bench_report.py
 

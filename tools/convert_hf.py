@@ -9,7 +9,7 @@
 
 import reads a Gemma2ForCausalLM directory (config.json + model.safetensors, or
 shards listed in model.safetensors.index.json; bf16/fp16/fp32) and writes a
-model directory (see posttrain_jax/params_checkpoint.py):
+model directory (see posttrain_jax/models/params_checkpoint.py):
   MODEL_DIR/checkpoint        orbax parameters (param_dtype, default float32)
   MODEL_DIR/model.gin         ModelConfig bindings
   MODEL_DIR/hf_metadata.json  source config.json, stored dtype, HF vocab size
@@ -46,10 +46,10 @@ if _REPO not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from posttrain_jax import cli
-from posttrain_jax import hf_checkpoint
-from posttrain_jax import hf_gemma2
-from posttrain_jax import params_checkpoint
-from posttrain_jax.checkpointing import CheckpointMismatchError
+from posttrain_jax.core.checkpointing import CheckpointMismatchError
+from posttrain_jax.interop import hf_checkpoint
+from posttrain_jax.interop import hf_gemma2
+from posttrain_jax.models import params_checkpoint
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 

@@ -7,7 +7,7 @@ Reads the metric `--tag` from the event files under DIR (scalar events, or the
 tensor events that clu's metric writer / TF2 summaries write), fits
 log metric = a - alpha log step on the early window and reports the first step
 where later residuals turn systematically positive (rule and its [M] status:
-`posttrain_jax/hacking_detector.py`; Tiapkin et al. 2025, arXiv 2502.02671).
+`posttrain_jax/distillation/hacking_detector.py`; Tiapkin et al. 2025, arXiv 2502.02671).
 
 Prints one JSON line {"tag", "flagged", "step", "alpha", "log_c", "noise",
 "fit_end_step", "num_points", "num_fit_points", "run"}. Exit status 2 with a
@@ -37,7 +37,7 @@ import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from posttrain_jax import hacking_detector
+from posttrain_jax.distillation import hacking_detector
 
 
 def _run_dirs(logdir: str) -> list[str]:

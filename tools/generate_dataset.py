@@ -34,9 +34,11 @@ if _REPO not in sys.path:
 import jax
 import numpy as np
 
-from posttrain_jax import cli, params_checkpoint, partitioning
+from posttrain_jax import cli
+from posttrain_jax.core import partitioning
 from posttrain_jax.data import generated
-from posttrain_jax.sampling import Sampler, SamplingConfig
+from posttrain_jax.inference.sampling import Sampler, SamplingConfig
+from posttrain_jax.models import params_checkpoint
 
 
 def parse_args(argv):

@@ -9,7 +9,7 @@ Prompts: posttrain_jax.data.prompts.load_prompts("pydoc_prompts", ...) when
 that module exists, else the first --prompt_length tokens of corpus lines of
 the split (posttrain_jax/data/corpus/pydoc_{split}.txt, lines chosen by
 --seed). Each prompt gets two samples (sampling.Sampler, --temperature); the
-one with the higher gold reward (posttrain_jax/gold_reward.py) is "chosen";
+one with the higher gold reward (posttrain_jax/rl/gold_reward.py) is "chosen";
 ties are dropped; then exactly round(label_noise * pairs) labels are flipped
 (seeded). Output lines: {"prompt", "chosen", "rejected", "flipped",
 "gold_chosen", "gold_rejected"} token ids and floats (data/preferences.py).
@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import cli, params_checkpoint, partitioning
+from posttrain_jax import cli
+from posttrain_jax.core import partitioning
 from posttrain_jax.data import preferences
-from posttrain_jax.gold_reward import gold_reward
-from posttrain_jax.sampling import Sampler, SamplingConfig
+from posttrain_jax.inference.sampling import Sampler, SamplingConfig
+from posttrain_jax.models import params_checkpoint
+from posttrain_jax.rl.gold_reward import gold_reward
 
 CORPUS = os.path.join(_REPO, "posttrain_jax", "data", "corpus", "pydoc_{}.txt")
 

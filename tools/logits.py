@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax import cli
-from posttrain_jax import params_checkpoint
-from posttrain_jax.checkpointing import CheckpointMismatchError
+from posttrain_jax.core.checkpointing import CheckpointMismatchError
+from posttrain_jax.models import params_checkpoint
 from posttrain_jax.models import Transformer
 
 

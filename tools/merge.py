@@ -9,7 +9,7 @@ default (given weights are normalised to sum 1). `slerp` is WARP's spherical
 interpolation of the task vectors theta_m - theta_init, tensor by tensor
 (M = 2: lambda, default 0.5; M > 2: model m merged in with lambda = 1/m);
 `liti` is WARP's (1 - eta) theta_init + eta theta_merged. See
-posttrain_jax/merging.py. All directories must hold the same architecture
+posttrain_jax/merging/. All directories must hold the same architecture
 (model.gin) and kind (all reward models, or all policies); a training run
 directory stands for its newest checkpoint. OUT is a model directory of the
 merged models' kind.
@@ -26,7 +26,8 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from posttrain_jax import cli, merging
+from posttrain_jax import cli
+from posttrain_jax import merging
 
 
 def parse_args(argv):

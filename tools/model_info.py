@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax import cli
-from posttrain_jax import params_checkpoint
 from posttrain_jax.models import ModelConfig
+from posttrain_jax.models import params_checkpoint
 
 
 def _parse_args(rest):

@@ -12,7 +12,7 @@ each distillation run under --root, writes
 and prints a markdown table: the training loss (per-token forward KL on the
 training batches), start / minimum / final golden and proxy, the
 step of the golden minimum, and the hacking detector's verdict on the proxy
-and golden curves (posttrain_jax/hacking_detector.py).
+and golden curves (posttrain_jax/distillation/hacking_detector.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if _TOOLS not in sys.path:
 import numpy as np
 
 from detect_hacking import read_curve  # also puts the repo root on sys.path
-from posttrain_jax import hacking_detector
+from posttrain_jax.distillation import hacking_detector
 
 SOURCES = ("offline", "online_teacher", "online_student")
 DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")

@@ -29,8 +29,10 @@ if _REPO not in sys.path:
 import jax
 import numpy as np
 
-from posttrain_jax import cli, params_checkpoint, partitioning
-from posttrain_jax.sampling import Sampler, SamplingConfig
+from posttrain_jax import cli
+from posttrain_jax.core import partitioning
+from posttrain_jax.inference.sampling import Sampler, SamplingConfig
+from posttrain_jax.models import params_checkpoint
 
 SHIPPED_VOCAB = os.path.join(_REPO, "posttrain_jax", "data", "vocab", "pydoc_sp2k.model")
 

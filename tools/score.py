@@ -8,7 +8,7 @@ written by tools/label_preferences.py) or samples {"prompt_tokens", "tokens"}
 (tools/sample.py) / {"prompt", "response"}. For pairs it prints the pairwise
 accuracy against the file's labels and the mean margin r(chosen) -
 r(rejected); with --gold also the accuracy against the gold reward's
-preference (posttrain_jax/gold_reward.py, recomputed from the tokens) and, when
+preference (posttrain_jax/rl/gold_reward.py, recomputed from the tokens) and, when
 the file marks flipped labels, the accuracy on clean and on flipped pairs. For
 samples it prints the mean score (and the mean gold reward with --gold).
 --output writes each line back with its scores. Rows longer than L keep their
@@ -33,8 +33,8 @@ import numpy as np
 
 from posttrain_jax import cli
 from posttrain_jax.data.preferences import pairs_to_batch
-from posttrain_jax.gold_reward import gold_reward
-from posttrain_jax.reward_model import is_reward_model, load_reward_fn
+from posttrain_jax.rl.gold_reward import gold_reward
+from posttrain_jax.rl.reward_model import is_reward_model, load_reward_fn
 
 
 def parse_args(argv):

@@ -30,12 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-from posttrain_jax import cli, partitioning
+from posttrain_jax import cli
 from posttrain_jax.cli import ConfigError
+from posttrain_jax.core import partitioning
+from posttrain_jax.core.optimizer import OptimizerConfig
+from posttrain_jax.core.trainer import Trainer
 from posttrain_jax.models import Transformer, presets
 from posttrain_jax.models.config import REMAT_POLICIES
-from posttrain_jax.optimizer import OptimizerConfig
-from posttrain_jax.trainer import Trainer
 
 from bench_train import parse_parallelism  # tools/bench_train.py, this script's folder
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from posttrain_jax.data._tf import tf
 from posttrain_jax.data import tasks as _tasks  # registers "pydoc_lm"
+from posttrain_jax.data._tf import tf
 import seqio
 
 MODEL_FEATURE_KEYS = (

@@ -24,9 +24,9 @@ import functools
 import os
 from typing import Mapping
 
-from posttrain_jax.data._tf import tf
 from posttrain_jax.data import pipeline as _pipeline
 from posttrain_jax.data import tasks as _tasks
+from posttrain_jax.data._tf import tf
 from posttrain_jax.data.vocab import get_vocabulary
 import seqio
 

@@ -37,10 +37,10 @@ def initialize_from_env():
 def train(steps):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from posttrain_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.core import partitioning  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.core.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.core.trainer import Trainer  # pylint: disable=g-import-not-at-top
   from posttrain_jax.models import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
-  from posttrain_jax.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
-  from posttrain_jax.trainer import Trainer  # pylint: disable=g-import-not-at-top
 
   pid, nproc = initialize_from_env()
   cfg = ModelConfig(vocab_size=64, embed_dim=16, num_layers=1, num_heads=2,

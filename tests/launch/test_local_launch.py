@@ -75,7 +75,7 @@ def test_timeout_stops_everything():
 
 def test_training_binary_two_processes_one_replica_each(tmp_path):
   """The default command: posttrain_jax.main in 2 processes, DCN replica 2."""
-  pytest.importorskip("posttrain_jax.distributed")  # the binary's env hook
+  pytest.importorskip("posttrain_jax.core.distributed")  # the binary's env hook
   run_dir = tmp_path / "run 1"  # a space: quoting must survive
   proc, _ = _launch(
       "--num_processes=2", "--devices_per_process=1", "--grace=5",

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from posttrain_jax.models.layers import apply_rope as _apply_rope
 from posttrain_jax.models.layers import (Embedder, FeedForward, RMSNorm,
                                          soft_cap)
-from posttrain_jax.models.layers import apply_rope as _apply_rope
 
 # Jitted: eager op-by-op dispatch compiles every primitive separately (slow).
 apply_rope = jax.jit(_apply_rope, static_argnums=2)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posttrain_jax import partitioning
+from posttrain_jax.core import partitioning
 from posttrain_jax.models.attention import Attention
 from test_attention import attn_params, rand, reference_attention, tiny_config  # pylint: disable=g-bad-import-order
 

@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from posttrain_jax import cli, params_checkpoint
+from posttrain_jax import cli
+from posttrain_jax.models import params_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONVERT = os.path.join(REPO, "tools", "convert_hf.py")
@@ -168,9 +169,9 @@ def test_logits_tool_rejects_bad_tokens(tmp_path):
 
 
 def test_training_starts_from_an_imported_checkpoint(tmp_path, capsys, monkeypatch):
-  from posttrain_jax import train as train_lib
+  from posttrain_jax.core.optimizer import OptimizerConfig
   from posttrain_jax.data.dataset_config import DatasetConfig
-  from posttrain_jax.optimizer import OptimizerConfig
+  from posttrain_jax.jobs import train as train_lib
 
   # the reporter's default stream is bound at import; log to capsys' stdout
   monkeypatch.setattr(train_lib, "ProgressReporter", functools.partial(

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posttrain_jax import params_checkpoint
 from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models import params_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=2048, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,

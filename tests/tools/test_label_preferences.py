@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import params_checkpoint
 from posttrain_jax.data.preferences import read_preferences
-from posttrain_jax.gold_reward import gold_reward
 from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models import params_checkpoint
+from posttrain_jax.rl.gold_reward import gold_reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=2048, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import merging, params_checkpoint
+from posttrain_jax import merging
 from posttrain_jax.models import ModelConfig, Transformer
-from posttrain_jax.reward_model import RewardModel, is_reward_model, save_reward_model
+from posttrain_jax.models import params_checkpoint
+from posttrain_jax.rl.reward_model import RewardModel, is_reward_model, save_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=64, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posttrain_jax import params_checkpoint, partitioning
+from posttrain_jax.core import partitioning
+from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import ModelConfig, Transformer
-from posttrain_jax.sampling import Sampler, SamplingConfig
+from posttrain_jax.models import params_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=2048, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from posttrain_jax.data.preferences import pairs_to_batch, write_preferences
-from posttrain_jax.gold_reward import gold_reward
 from posttrain_jax.models import ModelConfig
-from posttrain_jax.reward_model import RewardModel, save_reward_model
+from posttrain_jax.rl.gold_reward import gold_reward
+from posttrain_jax.rl.reward_model import RewardModel, save_reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig(vocab_size=2048, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,

@@ -1,0 +1,267 @@
+"""The LM training loop: data -> partitioned step -> metrics -> checkpoints.
+
+`train` takes plain arguments (the binary `posttrain_jax.main` wires them from
+gin). It resumes from the newest checkpoint in `run_dir/checkpoints`, including
+the input pipeline's position, so a preempted run continues exactly where it
+stopped. A fresh run may start from `initial_checkpoint` (a model directory,
+e.g. written by tools/convert_hf.py import, or another run): its parameters,
+a fresh optimizer state and step 0. The run's own checkpoint always wins over
+the initial checkpoint, and the log line says which one was used. With
+`diloco`, the run is Streaming DiLoCo (`diloco_loop`): M replicas, outer
+parameters evaluated, traffic written as traffic/* scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posttrain_jax.core import partitioning
+from posttrain_jax.core.checkpointing import Checkpointer
+from posttrain_jax.core.nonfinite_guard import NonFiniteGuard
+from posttrain_jax.core.optimizer import OptimizerConfig
+from posttrain_jax.core.profiling import StepProfiler
+from posttrain_jax.core.progress import ProgressReporter
+from posttrain_jax.core.step_loop import StepLoop
+from posttrain_jax.core.trainer import Trainer, TrainState
+from posttrain_jax.data.dataset_config import DatasetConfig
+from posttrain_jax.diloco import loop as diloco_loop
+from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
+from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models import params_checkpoint
+
+
+@dataclasses.dataclass
+class TrainResult:
+  final_step: int
+  losses: dict[int, float]       # per-step training loss of this invocation
+  eval_metrics: dict[int, dict[str, float]]
+  resumed_from: int | None
+  initialised_from: str | None = None  # the initial_checkpoint actually used
+  preempted: bool = False              # stopped by SIGTERM after saving
+  skipped_steps: int = 0               # steps with a non-finite loss/gradient
+  traffic: dict[str, float] | None = None  # DiLoCo bytes (DiLoCoLoop.traffic)
+
+
+def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
+  """Rejects token ids outside [0, vocab_size) before they reach the device."""
+  for key in ("decoder_input_tokens", "decoder_target_tokens"):
+    tokens = batch[key]
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+      bad = hi if hi >= vocab_size else lo
+      raise ValueError(
+          f"Input batch '{key}' contains token id {bad}, outside [0, "
+          f"vocab_size={vocab_size}). The data's vocabulary is larger than "
+          "ModelConfig.vocab_size: set ModelConfig.vocab_size to at least "
+          f"{hi + 1} or use the model's vocabulary.")
+
+
+def _process_shard(cfg: DatasetConfig) -> tuple[int, int, int]:
+  count = jax.process_count()
+  if cfg.batch_size % count:
+    raise ValueError(f"Global batch_size {cfg.batch_size} of task "
+                     f"'{cfg.task_name}' is not divisible by {count} processes.")
+  return cfg.batch_size // count, jax.process_index(), count
+
+
+def _train_iterator(cfg: DatasetConfig):
+  from posttrain_jax.data.pipeline import LMBatchIterator  # TF lives in data/
+  batch, index, count = _process_shard(cfg)
+  return LMBatchIterator(task_name=cfg.task_name, split=cfg.split,
+                         sequence_length=cfg.sequence_length, batch_size=batch,
+                         shuffle=cfg.shuffle, seed=cfg.seed, pack=cfg.pack,
+                         num_epochs=cfg.num_epochs, shard_index=index,
+                         num_shards=count, inputs_length=cfg.inputs_length)
+
+
+def _eval_batches(cfg: DatasetConfig, max_batches: int | None):
+  from posttrain_jax.data.pipeline import eval_batches
+  batch, index, count = _process_shard(cfg)
+  return list(eval_batches(task_name=cfg.task_name, split=cfg.split,
+                           sequence_length=cfg.sequence_length, batch_size=batch,
+                           max_batches=max_batches, pack=cfg.pack,
+                           shard_index=index, num_shards=count,
+                           inputs_length=cfg.inputs_length))
+
+
+def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
+  """Token-weighted loss, perplexity and accuracy over a list of batches."""
+  totals = None
+  for local in batches:
+    sums = trainer.eval_sums(params, trainer.shard_batch(local))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  weight = max(float(totals["weight"]), 1.0)
+  loss = float(totals["cross_entropy"]) / weight
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))),
+          "accuracy": float(totals["correct"]) / weight}
+
+
+def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
+          num_steps: int, optimizer: OptimizerConfig = OptimizerConfig(),
+          eval_data: DatasetConfig | None = None, eval_every: int = 0,
+          eval_batches: int | None = 20,
+          ici_parallelism: Mapping[str, int] | None = None,
+          dcn_parallelism: Mapping[str, int] | None = None,
+          num_microbatches: int = 1, z_loss: float = 0.0, seed: int = 0,
+          checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
+          async_checkpointing: bool = True, log_every: int = 10,
+          operative_config: str | None = None,
+          initial_checkpoint: str | None = None,
+          nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
+          profile_steps: tuple[int, int] | None = None,
+          diloco: DiLoCoConfig | None = None,
+          loss_chunk_size: int | None = None) -> TrainResult:
+  """Trains a decoder LM for `num_steps` optimizer steps.
+
+  Args:
+    model_config: architecture.
+    run_dir: holds `checkpoints/`, TensorBoard events and `config.gin`.
+    train_data / eval_data: input pipelines (global batch sizes).
+    num_steps: total steps of the run (a resumed run counts from its checkpoint).
+    optimizer: AdamW and schedule hyperparameters.
+    eval_every: evaluate every this many steps and at the end (0: only at the end
+      if eval_data is given); eval_batches caps the eval set.
+    ici_parallelism / dcn_parallelism: mesh degrees, see partitioning.create_mesh.
+    num_microbatches: gradient accumulation factor.
+    z_loss: coefficient of the log-partition penalty.
+    checkpoint_every / keep_checkpoints / async_checkpointing: orbax settings;
+      the final step is always saved.
+    operative_config: text of the gin config, saved as run_dir/config.gin and
+      written to TensorBoard.
+    initial_checkpoint: parameters to start a fresh run from: a model directory
+      (DIR/checkpoint + DIR/model.gin, see params_checkpoint) or a run directory
+      (its newest step's params). Restored onto the trainer's shardings (either
+      scanned/unscanned layout), with a fresh optimizer state at step 0. Ignored,
+      with a log line saying so, once run_dir has a checkpoint of its own.
+    nonfinite_policy / max_consecutive_nonfinite: a step with a NaN/inf loss or
+      gradient is never applied; "skip" goes on (halting after that many in a
+      row), "halt" stops at once (NonFiniteError).
+    profile_steps: (start, stop) captures a jax.profiler trace of those steps
+      into run_dir/profile.
+    diloco: train with Streaming DiLoCo (replicas on the mesh's "replica"
+      axis, see diloco_loop); evaluation and exports use the outer parameters.
+    loss_chunk_size: form the logits this many positions at a time in the loss
+      (losses.chunked_cross_entropy_sums: same loss and gradients, no
+      [batch, length, vocab] float32 logits); None computes them at once.
+
+  SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
+  with TrainResult.preempted set; the next start resumes from it.
+  """
+  if loss_chunk_size is not None and diloco is not None:
+    raise ValueError("train: loss_chunk_size is not supported with diloco yet; "
+                     "unset train.loss_chunk_size or train.diloco.")
+  guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
+  profiler = StepProfiler(os.path.join(run_dir, "profile"), profile_steps)
+  os.makedirs(run_dir, exist_ok=True)
+  if operative_config and jax.process_index() == 0:
+    with open(os.path.join(run_dir, "config.gin"), "w") as f:
+      f.write(operative_config)
+  mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
+  schedule, tx = optimizer.build(num_steps)
+  if diloco is None:
+    trainer = Trainer(Transformer(model_config), tx, schedule, mesh,
+                      num_microbatches=num_microbatches, z_loss=z_loss,
+                      loss_chunk_size=loss_chunk_size)
+    eval_params = lambda s: s.params
+  else:
+    trainer = diloco_loop.DiLoCoLoop(Transformer(model_config), tx, schedule, mesh,
+                                     diloco, batch_size=train_data.batch_size,
+                                     num_microbatches=num_microbatches, z_loss=z_loss)
+    eval_params = trainer.eval_params
+  checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
+                              save_every_steps=checkpoint_every,
+                              max_to_keep=keep_checkpoints,
+                              async_save=async_checkpointing)
+  data = _train_iterator(train_data)
+  resumed_from = checkpointer.latest_step()
+  initialised_from = None
+  if resumed_from is not None:
+    state, data_state = checkpointer.restore(resumed_from, trainer.abstract_state)
+    if "train" in data_state:
+      data.set_state(data_state["train"])
+    origin = f"resumed from step {resumed_from}"
+    if initial_checkpoint:
+      origin += (f" of the run's own checkpoint (it wins over initial_checkpoint "
+                 f"{initial_checkpoint}, which is ignored)")
+  elif initial_checkpoint:
+    state = (state_from_initial_checkpoint(trainer, model_config, initial_checkpoint)
+             if diloco is None else
+             trainer.state_from_initial_checkpoint(model_config, initial_checkpoint))
+    initialised_from = os.path.abspath(initial_checkpoint)
+    _copy_hf_metadata(initialised_from, run_dir)
+    origin = f"initialised from initial_checkpoint {initialised_from}"
+  else:
+    state = trainer.init_state(jax.random.key(seed))
+    origin = "initialised"
+  start = int(jax.device_get(state.step))
+  if diloco is not None:
+    trainer.start(start)
+
+  reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
+                              log_every=log_every)
+  if operative_config:
+    reporter.write_text(start, "config", operative_config)
+  params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eval_params(state)))
+  reporter.print(f"{origin} | {params_count:,} params | mesh {dict(mesh.shape)} | "
+                 f"run_dir {run_dir}")
+
+  eval_set = (_eval_batches(eval_data, eval_batches)
+              if eval_data is not None and (eval_every or num_steps > start) else None)
+  if start >= num_steps:
+    reporter.print(f"run already complete at step {start} (num_steps={num_steps}); "
+                   "raise num_steps to train further")
+  eval_metrics = {}
+  loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,
+                  checkpointer=checkpointer, data_state=lambda: {"train": data.get_state()})
+  try:
+    for step in loop:
+      local = next(data)
+      check_token_ids(local, model_config.vocab_size)
+      profiler.before_step(step)
+      state, metrics = trainer.train_step(state, trainer.shard_batch(local))
+      profiler.after_step(step, (state, metrics))
+      loop.end_step(step, state, metrics)
+      if diloco is not None and (step % log_every == 0 or step == num_steps):
+        trainer.write_traffic(reporter, step)
+      if eval_set and ((eval_every and step % eval_every == 0) or step == num_steps):
+        eval_metrics[step] = evaluate(trainer, eval_params(state), eval_set)
+        reporter.write_eval(step, eval_metrics[step])
+    loop.finish(state)
+    if diloco is not None:
+      reporter.print(trainer.summary())
+  finally:
+    profiler.stop()
+    loop.close()
+  return TrainResult(final_step=loop.final_step,
+                     losses=dict(reporter.history), eval_metrics=eval_metrics,
+                     resumed_from=resumed_from, initialised_from=initialised_from,
+                     preempted=loop.preempted, skipped_steps=guard.skipped,
+                     traffic=trainer.traffic() if diloco is not None else None)
+
+
+def state_from_initial_checkpoint(trainer: Trainer, model_config: ModelConfig,
+                                  directory: str) -> TrainState:
+  """Step 0, the checkpoint's params on the trainer's shardings, fresh opt state."""
+  if not os.path.exists(directory):
+    raise FileNotFoundError(f"initial_checkpoint {directory} does not exist.")
+  params = params_checkpoint.restore_params(directory, trainer.abstract_state.params,
+                                            model_config)
+  shardings = trainer.state_shardings
+  opt_state = jax.jit(trainer.tx.init, out_shardings=shardings.opt_state)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(step, params, opt_state)
+
+
+def _copy_hf_metadata(source: str, run_dir: str) -> None:
+  """Keeps the HF export metadata with the run, so the run can be exported."""
+  metadata = params_checkpoint.read_hf_metadata(source)
+  if metadata is not None and jax.process_index() == 0:
+    metadata["initial_checkpoint"] = source
+    params_checkpoint.write_hf_metadata(run_dir, metadata)
