@@ -13,7 +13,7 @@
 #   BENCH_MODEL [2b]  BENCH_BATCH [4]  BENCH_SEQ [2048]  BENCH_STEPS [5]
 #   BENCH_WARMUP [2]  BENCH_BIG_BATCHES ["8 16"]  BENCH_LOSS_CHUNK [512]
 #   BENCH_PEER_COMPILE [1]  BENCH_DPA_IMPLS [xla cudnn on a GPU, else xla]
-#   BENCH_SECTIONS ["peer batch attn tests"]  BENCH_TIMEOUT [480 s per command]
+#   BENCH_SECTIONS ["peer batch attn tests"]  BENCH_TIMEOUT [480 s per command; 0: none]
 #   BENCH_PEER_THREADS [torch's default]
 set -uo pipefail
 out="${1:-${OUT:-.}}"

@@ -311,7 +311,11 @@ def test_dot_product_attention_matches_reference_forward_and_grad(overrides,
     (gp_ref, gx_ref), (gp_dpa, gx_dpa) = grad(ref_fn), grad(dpa_fn)
     np.testing.assert_allclose(gx_dpa, gx_ref, rtol=1e-4, atol=1e-6)
     for name in gp_ref:
-      np.testing.assert_allclose(gp_dpa[name], gp_ref[name], rtol=1e-4, atol=1e-6,
+      # Parameter gradients sum over batch and positions (values up to ~4): an
+      # element near 0.02 may differ by a few 1e-6 between the two programs'
+      # float32 reduction orders, so the absolute tolerance follows the scale.
+      scale = float(np.max(np.abs(gp_ref[name])))
+      np.testing.assert_allclose(gp_dpa[name], gp_ref[name], rtol=1e-4, atol=2e-6 * scale,
                                  err_msg=name)
 
 
