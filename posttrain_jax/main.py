@@ -22,6 +22,7 @@ import gin  # pylint: disable=g-import-not-at-top
 
 from posttrain_jax import cli
 from posttrain_jax.core import distributed
+from posttrain_jax.core.checkpointing import CheckpointDamagedError
 from posttrain_jax.core.nonfinite_guard import NonFiniteError
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
@@ -101,7 +102,7 @@ def main(argv) -> int:
     if os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
       raise
     raise cli.ConfigError(cli.strip_gin_context(str(e))) from e
-  except NonFiniteError as e:
+  except (NonFiniteError, CheckpointDamagedError) as e:
     raise cli.RunError(cli.strip_gin_context(str(e))) from e
   return 0
 

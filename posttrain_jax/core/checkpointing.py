@@ -5,17 +5,28 @@ Wraps orbax's CheckpointManager: each step directory holds the train state
 orbax writes into a temporary directory and renames it when complete, so a
 crash mid-save never leaves a half-written step behind. Restores check every
 array's shape against the model first and name each mismatch.
+
+Damage after the fact (a truncated or overwritten array file, a deleted
+metadata file) is detected: every save records a checksum of each array, and a
+restore that cannot read a step or whose arrays do not match their checksums
+raises CheckpointDamagedError. `Checkpointer.restore_latest` then warns, moves
+the damaged step aside (never deletes it) and resumes from the newest intact
+step.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
+CHECKSUMS = "_state_checksums"  # key of the array checksums in the DATA item
 
 
 class CheckpointMismatchError(ValueError):
@@ -56,8 +67,56 @@ def check_compatible(saved_tree, abstract_tree, where: str, *,
         f"problem(s)):\n  {shown}{more}\n{fix}")
 
 
+class CheckpointDamagedError(RuntimeError):
+  """A checkpoint's files are missing, unreadable or do not match their checksums."""
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """sum_i bits(x_i) * (2 i + 1) mod 2^32, i the flat (row-major) index.
+
+  Integer wrap-around sums are exact and order-free, so the value does not
+  depend on the sharding or on how XLA splits the reduction; the index is built
+  from per-dimension iotas (no reshape of a sharded array). Any single
+  damaged word changes it; other damage goes unnoticed with probability ~2^-32.
+  """
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    u = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 8:  # two 32-bit words per element (trailing axis)
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    u = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+  index = jnp.zeros(u.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(u.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, dim) * jnp.uint32(stride)
+    stride = (stride * u.shape[dim]) % 2**32
+  return jnp.sum(u * (2 * index + 1), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums_on_device(tree):
+  return jax.tree.map(_leaf_checksum, tree)
+
+
+def checksums(tree) -> dict[str, int]:
+  """{array path: checksum} of a pytree of (possibly sharded) arrays."""
+  sums = jax.device_get(_checksums_on_device(tree))
+  return {_path(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
 class Checkpointer:
-  """Saves every `save_every_steps` steps, keeps the newest `max_to_keep`."""
+  """Saves every `save_every_steps` steps, keeps the newest `max_to_keep`.
+
+  Each save also records a checksum of every array (`checksums`) in the step's
+  JSON item; `restore` verifies them, so a damaged file is reported as damage
+  rather than restored as garbage. `restore_latest` falls back from damaged
+  steps to the newest intact one.
+  """
 
   def __init__(self, directory: str, *, save_every_steps: int = 1000,
                max_to_keep: int | None = 3, async_save: bool = True):
@@ -79,19 +138,89 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict | None = None,
            force: bool = False) -> bool:
     """Starts an (async) save if `step` is due (or `force`); returns whether it did."""
+    if not force and not self._manager.should_save(step):
+      return False
+    data = {**(data_state or {}), CHECKSUMS: checksums(state)}
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                 DATA: ocp.args.JsonSave(data_state or {})})
+                                 DATA: ocp.args.JsonSave(data)})
     return self._manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-    """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs)."""
+    """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs).
+
+    Raises CheckpointMismatchError if the arrays' shapes differ from the
+    model's, CheckpointDamagedError if the step's files are missing, unreadable
+    or fail their checksums.
+    """
     step_dir = os.path.join(self.directory, str(step))
-    saved = self._manager.item_metadata(step)[STATE]
-    check_compatible(saved, abstract_state, step_dir)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(abstract_state),
-        DATA: ocp.args.JsonRestore()}))
-    return restored[STATE], dict(restored[DATA] or {})
+    try:
+      saved = self._manager.item_metadata(step)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore/orbax raise many kinds
+      raise CheckpointDamagedError(f"its metadata cannot be read: {_first_line(e)}") from e
+    if saved is None or saved.get(STATE) is None:
+      raise CheckpointDamagedError(f"{STATE}/_METADATA is missing or unreadable")
+    check_compatible(saved[STATE], abstract_state, step_dir)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(abstract_state),
+          DATA: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointDamagedError(f"reading it failed: {_first_line(e)}") from e
+    data = dict(restored[DATA] or {})
+    expected = data.pop(CHECKSUMS, None)
+    if expected is not None:  # checkpoints written before checksums have none
+      actual = checksums(restored[STATE])
+      bad = sorted(k for k in expected if actual.get(k) != expected[k])
+      if bad:
+        raise CheckpointDamagedError(
+            f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}")
+    return restored[STATE], data
+
+  def restore_latest(self, abstract_state, warn=None):
+    """(step, state, data_state) of the newest intact step; (None, None, None)
+    without checkpoints.
+
+    A damaged step is reported through `warn` (default: stderr on process 0),
+    moved aside to `<directory>_damaged/<step>` (kept, never deleted, and out of
+    the way of the steps this run will save again) and the next older step is
+    tried. Raises CheckpointDamagedError if every step is damaged.
+    """
+    warn = warn or _warn
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data = self.restore(step, abstract_state)
+      except CheckpointDamagedError as e:
+        kept = self._set_aside(step)
+        damaged.append(f"step {step} ({e})")
+        warn(f"WARNING: checkpoint {step} in {self.directory} is damaged ({e}); "
+             f"kept at {kept}; trying the previous step.")
+        continue
+      if damaged:
+        warn(f"WARNING: resuming from step {step}, the newest intact checkpoint.")
+      return step, state, data
+    if damaged:
+      raise CheckpointDamagedError(
+          f"No intact checkpoint in {self.directory}: {'; '.join(damaged)}. The "
+          f"damaged steps are kept under {self.directory}_damaged. Fix: restore the "
+          "checkpoints from a copy, or start in a fresh run directory.")
+    return None, None, None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves step's directory to <directory>_damaged/<step>[.N]; returns where."""
+    target = os.path.join(f"{self.directory}_damaged", str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      n, final = 1, target
+      while os.path.exists(final):
+        n, final = n + 1, f"{target}.{n}"
+      os.rename(os.path.join(self.directory, str(step)), final)
+      target = final
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -99,3 +228,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return text if len(text) <= 200 else text[:200] + " ..."
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)

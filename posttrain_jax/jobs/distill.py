@@ -29,6 +29,7 @@ import os
 
 import jax
 
+from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.checkpointing import Checkpointer
 from posttrain_jax.core.nonfinite_guard import NonFiniteGuard
@@ -146,9 +147,6 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
                      "`prompts` (a PromptConfig).")
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   os.makedirs(run_dir, exist_ok=True)
-  if operative_config and jax.process_index() == 0:
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-      f.write(operative_config)
   teacher_config = reference_config(teacher_checkpoint, teacher_config, teacher_dtype)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   schedule, tx = optimizer.build(num_steps)
@@ -183,9 +181,8 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every,
                               max_to_keep=keep_checkpoints, async_save=async_checkpointing)
-  resumed_from = checkpointer.latest_step()
+  resumed_from, state, data_state = checkpointer.restore_latest(step_trainer.abstract_state)
   if resumed_from is not None:
-    state, data_state = checkpointer.restore(resumed_from, step_trainer.abstract_state)
     data.set_state(data_state["sources"])
     data.counts.update(data_state.get("counts", {}))
     origin = f"resumed from step {resumed_from}"
@@ -220,6 +217,7 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
                               log_every=log_every,
                               shown=ProgressReporter.SHOWN[:1] + (("nll", "nll", "{:.4f}"),)
                               + ProgressReporter.SHOWN[1:])
+  operative_config_lib.record(run_dir, operative_config)  # the start succeeded
   if operative_config:
     reporter.write_text(start, "config", operative_config)
   reporter.print(f"{origin} | teacher {teacher_checkpoint} | sources {dict(sources)} | "

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.checkpointing import Checkpointer
 from posttrain_jax.core.nonfinite_guard import NonFiniteGuard
@@ -133,8 +134,9 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
     z_loss: coefficient of the log-partition penalty.
     checkpoint_every / keep_checkpoints / async_checkpointing: orbax settings;
       the final step is always saved.
-    operative_config: text of the gin config, saved as run_dir/config.gin and
-      written to TensorBoard.
+    operative_config: text of the gin config, written to TensorBoard and, once
+      the start has succeeded, kept as run_dir/config.gin (first start) or
+      config.<time>.gin (a later start that differs; core/operative_config).
     initial_checkpoint: parameters to start a fresh run from: a model directory
       (DIR/checkpoint + DIR/model.gin, see params_checkpoint) or a run directory
       (its newest step's params). Restored onto the trainer's shardings (either
@@ -160,9 +162,6 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   profiler = StepProfiler(os.path.join(run_dir, "profile"), profile_steps)
   os.makedirs(run_dir, exist_ok=True)
-  if operative_config and jax.process_index() == 0:
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-      f.write(operative_config)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   schedule, tx = optimizer.build(num_steps)
   if diloco is None:
@@ -180,10 +179,9 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
                               max_to_keep=keep_checkpoints,
                               async_save=async_checkpointing)
   data = _train_iterator(train_data)
-  resumed_from = checkpointer.latest_step()
+  resumed_from, state, data_state = checkpointer.restore_latest(trainer.abstract_state)
   initialised_from = None
   if resumed_from is not None:
-    state, data_state = checkpointer.restore(resumed_from, trainer.abstract_state)
     if "train" in data_state:
       data.set_state(data_state["train"])
     origin = f"resumed from step {resumed_from}"
@@ -206,6 +204,7 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
 
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
                               log_every=log_every)
+  operative_config_lib.record(run_dir, operative_config)  # the start succeeded
   if operative_config:
     reporter.write_text(start, "config", operative_config)
   params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eval_params(state)))

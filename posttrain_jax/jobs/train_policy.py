@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.checkpointing import Checkpointer
 from posttrain_jax.core.nonfinite_guard import NonFiniteGuard
@@ -134,9 +135,6 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     raise ValueError(f"num_eval_prompts = {len(eval_list)} is not divisible by the mesh's "
                      f"{shards} batch shards.")
   os.makedirs(run_dir, exist_ok=True)
-  if operative_config and jax.process_index() == 0:
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-      f.write(operative_config)
   schedule, tx = optimizer.build(num_steps)
   trainer = PolicyTrainer(model_config, tx, schedule, mesh, beta=beta, anchor=anchor,
                           ema_rate=ema_rate, baseline=baseline,
@@ -157,9 +155,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every, max_to_keep=keep_checkpoints,
                               async_save=async_checkpointing)
-  resumed_from = checkpointer.latest_step()
+  resumed_from, state, data_state = checkpointer.restore_latest(step_trainer.abstract_state)
   if resumed_from is not None:
-    state, data_state = checkpointer.restore(resumed_from, step_trainer.abstract_state)
     if "prompts" in data_state:
       data.set_state(data_state["prompts"])
     origin = f"resumed from step {resumed_from}"
@@ -172,6 +169,7 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     step_trainer.start(start)
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
                               log_every=log_every, shown=SHOWN)
+  operative_config_lib.record(run_dir, operative_config)  # the start succeeded
   if operative_config:
     reporter.write_text(start, "config", operative_config)
   reporter.print(f"{origin} | anchor {anchor} (mu {ema_rate}) | beta {beta} | reward "

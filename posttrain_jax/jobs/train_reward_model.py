@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.checkpointing import Checkpointer
 from posttrain_jax.core.nonfinite_guard import NonFiniteGuard
@@ -140,9 +141,6 @@ def train_reward_model(
     register_preference_task(train_data.task_name, data_files)
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   os.makedirs(run_dir, exist_ok=True)
-  if operative_config and jax.process_index() == 0:
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-      f.write(operative_config)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   finetune_steps = max(num_steps - linear_probe_steps, 1)
   ft_schedule, ft_tx = optimizer.build(finetune_steps)
@@ -162,9 +160,8 @@ def train_reward_model(
     return {"train": data.get_state(),
             **({"probe": probe_data.get_state()} if probe_data else {})}
 
-  resumed_from = checkpointer.latest_step()
+  resumed_from, state, saved = checkpointer.restore_latest(trainer.abstract_state)
   if resumed_from is not None:
-    state, saved = checkpointer.restore(resumed_from, trainer.abstract_state)
     data.set_state(saved["train"])
     if probe_data is not None and "probe" in saved:
       probe_data.set_state(saved["probe"])
@@ -176,6 +173,7 @@ def train_reward_model(
   start = int(jax.device_get(state.step))
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
                               log_every=log_every, shown=SHOWN)
+  operative_config_lib.record(run_dir, operative_config)  # the start succeeded
   if operative_config:
     reporter.write_text(start, "config", operative_config)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))

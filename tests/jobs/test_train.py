@@ -75,9 +75,40 @@ def test_token_id_beyond_vocab_is_rejected(tmp_path):
 
 
 def test_checkpoint_of_the_wrong_shape_is_rejected(tmp_path):
-  run(tmp_path, 3)
+  run(tmp_path, 3, operative_config="# first start\n")
   wider = ModelConfig(**{**MODEL.__dict__, "mlp_dim": 96})
   with pytest.raises(CheckpointMismatchError,
                      match=r"layer_0/mlp/gate: checkpoint has \(32, 64\), model expects "
                            r"\(32, 96\)"):
-    run(tmp_path, 6, model=wider)
+    run(tmp_path, 6, model=wider, operative_config="# wider model\n")
+  # The failed start leaves the run's configuration as it was (the tools read
+  # the ModelConfig from it) and records nothing of its own.
+  assert (tmp_path / "config.gin").read_text() == "# first start\n"
+  assert glob.glob(str(tmp_path / "config.*.gin")) == []
+
+
+def test_a_later_start_keeps_the_first_config_and_records_its_own(tmp_path):
+  run(tmp_path, 3, operative_config="# first start\n")
+  run(tmp_path, 3, operative_config="# first start\n")    # same config: nothing new
+  assert glob.glob(str(tmp_path / "config.*.gin")) == []
+  run(tmp_path, 4, operative_config="# NUM_STEPS = 4\n")
+  assert (tmp_path / "config.gin").read_text() == "# first start\n"
+  [later] = glob.glob(str(tmp_path / "config.*.gin"))
+  assert open(later).read() == "# NUM_STEPS = 4\n"
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, capfd):
+  full = run(tmp_path / "full", 8)
+  run(tmp_path / "cut", 6)                   # checkpoints at steps 3 and 6
+  files = [f for f in glob.glob(str(tmp_path / "cut" / "checkpoints" / "6" / "state" / "**"),
+                                recursive=True) if os.path.isfile(f) and "/d/" in f]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:            # a disk error in the newest step
+    f.truncate(os.path.getsize(biggest) // 2)
+  resumed = run(tmp_path / "cut", 8)
+  assert resumed.resumed_from == 3
+  err = capfd.readouterr().err
+  assert "checkpoint 6" in err and "is damaged" in err and "resuming from step 3" in err
+  assert os.path.isdir(tmp_path / "cut" / "checkpoints_damaged" / "6")  # kept
+  for step in range(4, 9):                   # and the run continues exactly
+    np.testing.assert_allclose(resumed.losses[step], full.losses[step], rtol=1e-6)
