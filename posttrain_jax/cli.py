@@ -9,6 +9,7 @@ directory and `--gin_search_paths`.
 
 from __future__ import annotations
 
+import collections.abc
 from collections.abc import Callable, Sequence
 import dataclasses
 import difflib
@@ -16,6 +17,8 @@ import inspect
 import os
 import re
 import sys
+import types
+import typing
 
 import gin
 from gin import config as gin_config_lib
@@ -187,6 +190,122 @@ def configure(flags: GinFlags, finalize: bool = True) -> None:
                                         finalize_config=finalize)
   except (ValueError, SyntaxError, OSError, TypeError) as e:
     raise ConfigError(explain(e)) from e
+  check_binding_types()
+
+
+# ---------------------------------------------------------------------------
+# Bound values against the configurables' annotations, before any work starts.
+
+_MACRO = "gin.macro"
+
+
+def _resolve_macros(value, depth: int = 0):
+  """`%NAME` references replaced by the macro's bound value (recursively)."""
+  if depth > 20:
+    return value
+  if isinstance(value, gin_config_lib.ConfigurableReference):
+    if value.configurable.selector == _MACRO:
+      scope = value.scoped_selector.rpartition("/")[0]
+      bound = gin_config_lib._CONFIG.get((scope, _MACRO), {})  # pylint: disable=protected-access
+      if "value" in bound:
+        return _resolve_macros(bound["value"], depth + 1)
+    return value
+  if isinstance(value, (list, tuple)):
+    return type(value)(_resolve_macros(v, depth + 1) for v in value)
+  if isinstance(value, dict):
+    return {k: _resolve_macros(v, depth + 1) for k, v in value.items()}
+  return value
+
+
+def conforms(value, annotation) -> bool:
+  """Whether a gin literal fits a parameter annotation. References to other
+  configurables (`@X()`) and unknown typing constructs are not judged."""
+  if isinstance(value, gin_config_lib.ConfigurableReference) or value is gin.REQUIRED:
+    return True
+  if annotation in (inspect.Parameter.empty, typing.Any):
+    return True
+  origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(conforms(value, a) for a in args)
+  if annotation is type(None):
+    return value is None
+  if origin is typing.Literal:
+    return value in args
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is str:
+    return isinstance(value, str)
+  if origin in (dict, collections.abc.Mapping):
+    if not isinstance(value, collections.abc.Mapping):
+      return False
+    key, val = args or (typing.Any, typing.Any)
+    return all(conforms(k, key) and conforms(v, val) for k, v in value.items())
+  if origin is tuple:
+    if not isinstance(value, (tuple, list)):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(conforms(v, args[0]) for v in value)
+    return not args or (len(args) == len(value) and
+                        all(conforms(v, a) for v, a in zip(value, args)))
+  if origin in (list, collections.abc.Sequence):
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+      return False
+    return not args or all(conforms(v, args[0]) for v in value)
+  if origin is collections.abc.Callable or annotation is collections.abc.Callable:
+    return callable(value)
+  if isinstance(annotation, type) and origin is None:
+    return isinstance(value, annotation)
+  return True
+
+
+def _type_hints(fn) -> dict[str, typing.Any]:
+  try:
+    if inspect.isclass(fn) and not dataclasses.is_dataclass(fn):
+      fn = fn.__init__
+    return typing.get_type_hints(fn)
+  except Exception:  # pylint: disable=broad-except  # unresolvable annotations: no check
+    return {}
+
+
+def _type_name(annotation) -> str:
+  if isinstance(annotation, type) and not typing.get_args(annotation):
+    return annotation.__name__
+  return re.sub(r"\b(typing|collections\.abc|builtins)\.", "", str(annotation)).replace(
+      "NoneType", "None")
+
+
+def check_binding_types() -> None:
+  """Raises ConfigError naming every bound value that does not fit its
+  parameter's annotation (e.g. `train.num_steps = %NUM_STEPS` with NUM_STEPS =
+  2.5, or ModelConfig.embed_dim = 128.5), so an ill-typed setting fails before
+  any work starts instead of deep inside a run."""
+  registry = gin_config_lib._REGISTRY  # pylint: disable=protected-access
+  problems = []
+  for (scope, selector), params in gin_config_lib._CONFIG.items():  # pylint: disable=protected-access
+    if selector == _MACRO or selector not in registry:
+      continue
+    configurable = registry[selector]
+    hints = _type_hints(configurable.wrapped)
+    for name, raw in params.items():
+      if name not in hints:
+        continue
+      value = _resolve_macros(raw)
+      if conforms(value, hints[name]):
+        continue
+      where = f"{scope}/" if scope else ""
+      binding = f"{where}{configurable.name}.{name} = {raw!r}"
+      if repr(raw) != repr(value):  # through a macro
+        binding += f" (= {value!r})"
+      problems.append(f"{binding}: expected {_type_name(hints[name])}, got "
+                      f"{type(value).__name__}")
+  if problems:
+    raise ConfigError("Ill-typed setting(s): " + "; ".join(problems) +
+                      ". Fix the value (strings need quotes, numbers none: "
+                      "--gin.NUM_STEPS=100, --gin.RUN_DIR=\"'runs/x'\").")
 
 
 def call(fn: Callable, *args, **kwargs):

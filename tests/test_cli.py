@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import typing
 
 import gin
 import pytest
@@ -75,6 +76,29 @@ def test_missing_required_macro_is_named(tmp_path):
 def test_unparsable_value_shows_the_binding():
   line = error_line(run_main(QUICKSTART, "--gin.NUM_STEPS=abc("))
   assert "Could not parse" in line and "NUM_STEPS = abc(" in line
+
+
+@pytest.mark.parametrize("binding,named,expected", [
+    ("--gin.train.checkpoint_every='20'", "train.checkpoint_every = '20'", "expected int"),
+    ("--gin.ModelConfig.embed_dim=128.5", "ModelConfig.embed_dim = 128.5", "expected int"),
+    ("--gin.BATCH_SIZE='16'", "batch_size = %BATCH_SIZE (= '16')", "expected int"),
+    ("--gin.NUM_STEPS=2.5", "train.num_steps = %NUM_STEPS (= 2.5)", "expected int"),
+    ("--gin.OptimizerConfig.learning_rate='fast'", "learning_rate = 'fast'", "expected float"),
+    ("--gin.train.ici_parallelism={'data': 'all'}", "train.ici_parallelism",
+     "expected Mapping[str, int] | None"),
+])
+def test_ill_typed_setting_is_one_line_before_any_work(tmp_path, binding, named, expected):
+  proc = run_main(QUICKSTART, f"--gin.RUN_DIR='{tmp_path / 'run'}'", binding)
+  line = error_line(proc)
+  assert named in line and expected in line, line
+  assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_well_typed_values_pass_the_type_check():
+  assert cli.conforms(3, float) and not cli.conforms(True, int) and cli.conforms(None, int | None)
+  assert cli.conforms(("local", "global"), tuple[str, ...])
+  assert not cli.conforms(("local", 5), tuple[str, ...])
+  assert cli.conforms({"fsdp": 4}, typing.Mapping[str, int]) and not cli.conforms([1], str)
 
 
 def test_missing_gin_file_is_named():
