@@ -16,7 +16,7 @@ import importlib
 import os
 
 # Quiet TF/absl before anything imports them.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import gin  # pylint: disable=g-import-not-at-top
 

@@ -41,9 +41,11 @@ LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teac
 
 def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   out = {}
-  for tag in ("eval/proxy_kl", "eval/golden_kl", "eval/proxy_kl_per_token",
-              "eval/golden_kl_per_token", "loss"):
+  for tag in ("eval/proxy_kl", "eval/golden_kl", "eval/proxy_kl_token_sum",
+              "eval/golden_kl_token_sum", "loss"):
     c = read_curve(run_dir, tag)
+    if c is None and tag.endswith("_token_sum"):  # runs written before the rename
+      c = read_curve(run_dir, tag.replace("_token_sum", "_per_token"))
     if c is not None:
       out[tag] = c
   return out

@@ -9,9 +9,13 @@ from __future__ import annotations
 import sys
 import time
 
-from clu import metric_writers
 import jax
 import numpy as np
+
+from posttrain_jax.core.quiet_stderr import quiet_stderr
+
+with quiet_stderr():  # clu's writers import TensorFlow when it is installed
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
 
 def _duration(seconds: float) -> str:

@@ -61,7 +61,8 @@ class ProxyGoldenEvaluator:
 
   References: {"proxy": (teacher config, params), "golden": (oracle config,
   params)}; any name works, each gives metrics "<name>_kl" (Monte Carlo),
-  "<name>_kl_per_token" (per-token exact) and "<name>_kl_stderr".
+  "<name>_kl_token_sum" (the exact per-token KL summed over each sequence; nats per
+  sequence, like "<name>_kl") and "<name>_kl_stderr".
   """
 
   def __init__(self, student_config: ModelConfig,
@@ -129,7 +130,7 @@ class ProxyGoldenEvaluator:
             count - 1, 1)
         metrics[f"{name}_kl"] = mean
         metrics[f"{name}_kl_stderr"] = float(np.sqrt(var / count))
-        metrics[f"{name}_kl_per_token"] = float(totals["per_token_sum"]) / count
+        metrics[f"{name}_kl_token_sum"] = float(totals["per_token_sum"]) / count
     return metrics
 
 

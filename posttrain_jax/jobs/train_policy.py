@@ -98,7 +98,7 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     eval_prompts / num_eval_prompts / eval_every: held-out prompts (the first
       num_eval_prompts of eval_prompts, one sample each, fixed rng) scored every
       eval_every steps and at the end: eval/reward, eval/gold_reward,
-      eval/kl_sft, eval/kl_sft_per_token, eval/entropy, eval/response_length.
+      eval/kl_sft, eval/kl_sft_token_sum, eval/entropy, eval/response_length.
     prompt_source / eval_prompt_list: replace the prompt tasks (tests): an
       iterator like data.prompts.PromptIterator, and token-id prompts.
     diloco: train the policy with Streaming DiLoCo (`diloco_policy`): M

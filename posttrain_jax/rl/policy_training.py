@@ -129,7 +129,7 @@ def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta:
 
 
 def eval_metrics(model, params, sft_params, batch) -> dict[str, jax.Array]:
-  """reward, kl_sft (MC), kl_sft_per_token (sequence_kl.expected_token_kl: the
+  """reward, kl_sft (MC), kl_sft_token_sum (sequence_kl.expected_token_kl: the
   full-vocabulary KL summed along the sampled prefixes, lower variance), entropy
   and response_length of sampled responses."""
   logits, logits_sft = _forward(model, params, batch), _forward(model, sft_params, batch)
@@ -137,7 +137,7 @@ def eval_metrics(model, params, sft_params, batch) -> dict[str, jax.Array]:
   metrics = _sample_metrics(batch, pg.token_logprobs(logits, tokens, mask),
                             pg.token_logprobs(logits_sft, tokens, mask),
                             pg.token_entropy_sums(logits, mask))
-  metrics["kl_sft_per_token"] = expected_token_kl(logits, logits_sft, mask)["kl"]
+  metrics["kl_sft_token_sum"] = expected_token_kl(logits, logits_sft, mask)["kl"]
   return metrics
 
 

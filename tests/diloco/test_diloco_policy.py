@@ -108,7 +108,7 @@ def test_two_replicas_sample_their_own_params_eval_outer_and_resume(tmp_path, sf
 
   # eval of θ̃ (the exported subtree), finite; traffic scalars
   assert sorted(full.eval_metrics) == [2, 4]
-  for k in ("reward", "kl_sft", "kl_sft_per_token", "entropy"):
+  for k in ("reward", "kl_sft", "kl_sft_token_sum", "entropy"):
     assert np.isfinite(full.eval_metrics[4][k]), k
   eval_key = jax.random.fold_in(jax.random.key(0), 0)
   def eval_reward(params):

@@ -206,11 +206,11 @@ def test_teacher_equal_to_oracle_gives_identical_proxy_and_golden():
       max_new_tokens=6, batch_size=8, mesh=trainer.mesh, seed=0)
   state = trainer.init_state(jax.random.key(0))
   metrics = evaluator(state.params)
-  for k in ("kl", "kl_per_token", "kl_stderr"):
+  for k in ("kl", "kl_token_sum", "kl_stderr"):
     assert metrics[f"proxy_{k}"] == metrics[f"golden_{k}"]
-  assert metrics["proxy_kl"] > 0 and metrics["proxy_kl_per_token"] > 0
+  assert metrics["proxy_kl"] > 0 and metrics["proxy_kl_token_sum"] > 0
   # A student equal to the reference has zero KL.
   same = ProxyGoldenEvaluator(TEACHER, {"proxy": (TEACHER, teacher)}, prompts,
                               max_new_tokens=6, batch_size=8, mesh=trainer.mesh)
   zero = same(teacher)
-  assert abs(zero["proxy_kl"]) < 1e-4 and abs(zero["proxy_kl_per_token"]) < 1e-4
+  assert abs(zero["proxy_kl"]) < 1e-4 and abs(zero["proxy_kl_token_sum"]) < 1e-4

@@ -65,7 +65,7 @@ def test_mixture_runs_evaluates_and_resumes_exactly(models, tmp_path):
   full = run(models, tmp_path / "full", 4, sources)
   assert sorted(full.eval_metrics) == [0, 2, 4]
   metrics = full.eval_metrics[4]
-  for k in ("proxy_kl", "proxy_kl_per_token", "golden_kl", "golden_kl_per_token"):
+  for k in ("proxy_kl", "proxy_kl_token_sum", "golden_kl", "golden_kl_token_sum"):
     assert np.isfinite(metrics[k]) and metrics[k] > 0, k
   assert sum(full.source_counts.values()) == 4
   # Stop after 2 steps, resume to 4: same losses and metrics as the single run.

@@ -28,10 +28,10 @@ def test_rl_steps_on_8_devices(tmp_path, sft_dir, ici, ema_rate):
   assert result.final_step == 3 and sorted(result.metrics) == [1, 2, 3]
   assert sorted(result.eval_metrics) == [2, 3]
   for m in result.eval_metrics.values():
-    assert set(m) == {"reward", "gold_reward", "kl_sft", "kl_sft_per_token", "entropy",
+    assert set(m) == {"reward", "gold_reward", "kl_sft", "kl_sft_token_sum", "entropy",
                       "response_length"}
     assert all(np.isfinite(v) for v in m.values())
-    assert 0.0 <= m["gold_reward"] < 1.0 and m["kl_sft_per_token"] >= 0.0
+    assert 0.0 <= m["gold_reward"] < 1.0 and m["kl_sft_token_sum"] >= 0.0
   for m in result.metrics.values():
     for key in ("reward", "kl_sft", "kl_anchor", "entropy", "response_length", "loss",
                 "grad_norm", "learning_rate", "shaped_reward", "gold_reward"):
