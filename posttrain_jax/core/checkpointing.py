@@ -103,10 +103,16 @@ def _checksums_on_device(tree):
   return jax.tree.map(_leaf_checksum, tree)
 
 
+def _scalar(x: jax.Array) -> int:
+  # A 0-d result is replicated on every device; in a multi-process run it is
+  # not fully addressable, so read this process's copy.
+  return int(x.addressable_data(0) if not x.is_fully_addressable else jax.device_get(x))
+
+
 def checksums(tree) -> dict[str, int]:
-  """{array path: checksum} of a pytree of (possibly sharded) arrays."""
-  sums = jax.device_get(_checksums_on_device(tree))
-  return {_path(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+  """{array path: checksum} of a pytree of (possibly sharded, multi-process) arrays."""
+  sums = _checksums_on_device(tree)
+  return {_path(p): _scalar(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
 class Checkpointer:
