@@ -4,7 +4,10 @@
   losses           token cross-entropy (chunked), z-loss
   optimizer        OptimizerConfig -> optax chain and schedule
   partitioning     device mesh, logical-axis rules, batch/param shardings
-  checkpointing    atomic orbax checkpoints of train state + data position
+  checkpointing    atomic orbax checkpoints of train state + data position, checksummed;
+                   damaged steps are skipped and kept
+  operative_config the run's config.gin, written once a start has succeeded
+  quiet_stderr     TensorFlow/CUDA start-up lines off the console
   step_loop        the host loop: checkpoint cadence, preemption, resume
   progress         console progress and TensorBoard scalars
   nonfinite_guard  skip or halt on non-finite losses
