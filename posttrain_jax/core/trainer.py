@@ -61,7 +61,7 @@ def lm_loss_sums(model: nn.Module, params, batch: Batch, z_loss: float = 0.0,
                                     chunk_size=loss_chunk_size, z_loss=z_loss)
 
 
-def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   """[B, ...] -> [M, B/M, ...] with microbatch m = rows m, m+M, ... .
 
   Taking strided rows keeps each device's rows on that device (the batch axis
@@ -104,10 +104,10 @@ def optimizer_step(state: TrainState, batch: Batch, aux=None, *,
       g, s = grad_fn(state.params, microbatch)
       return jax.tree.map(jnp.add, acc, (g, s)), None
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        grad_fn, state.params, jax.tree.map(lambda x: x[0], _split_microbatches(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], split_microbatches(
             batch, num_microbatches))))
     (grads, sums), _ = jax.lax.scan(body, zeros,
-                                    _split_microbatches(batch, num_microbatches))
+                                    split_microbatches(batch, num_microbatches))
 
   weight = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
@@ -160,6 +160,25 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                         num_microbatches=num_microbatches, skip_nonfinite=skip_nonfinite)
 
 
+def train_state_shardings(abstract_params, param_shardings, tx: optax.GradientTransformation,
+                          mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+  """(abstract TrainState whose leaves carry their shardings, TrainState of
+  shardings) for params sharded by param_shardings: the optimizer state follows
+  its parameters (optax.tree_map_params), its other leaves and the step are
+  replicated."""
+  replicated = partitioning.replicated(mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated)
+  shardings = TrainState(replicated, param_shardings, opt_shardings)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt),
+      shardings)
+  return abstract, shardings
+
+
 class Trainer:
   """Jitted, partitioned init / train / eval for a decoder-only LM."""
 
@@ -175,16 +194,9 @@ class Trainer:
     abstract_params, param_shardings = partitioning.params_and_shardings(
         lambda: self._init_boxed(jax.random.key(0)), mesh, rules)
     self.param_shardings = param_shardings
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = partitioning.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated)
-    self.state_shardings = TrainState(replicated, param_shardings, opt_shardings)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt),
-        self.state_shardings)
+    self.abstract_state, self.state_shardings = train_state_shardings(
+        abstract_params, param_shardings, tx, mesh)
 
     self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
     self._train = jax.jit(

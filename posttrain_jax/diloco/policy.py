@@ -1,7 +1,7 @@
 """KL-regularised REINFORCE under Streaming DiLoCo (`train_policy(..., diloco=...)`).
 
 The policy trains as M replicas θ_1..θ_M (`diloco_loop.DiLoCoLoop` around
-`policy_training.rl_step`); the frozen SFT params are the inner step's shared
+`PolicyTrainer.step_fn`: any policy_optimization algorithm); the frozen SFT params are the inner step's shared
 `aux` (the KL reference, and the anchor when anchor="sft").
 
 On-policy sampling. REINFORCE needs y ~ π_θm for the rows replica m updates,
@@ -40,7 +40,7 @@ import optax
 from posttrain_jax.core.trainer import TrainState
 from posttrain_jax.diloco import loop as diloco_loop
 from posttrain_jax.diloco import streaming_diloco as sd
-from posttrain_jax.rl.policy_training import PolicyState, rl_step
+from posttrain_jax.rl.policy_optimization import PolicyState
 
 
 class AnchoredState(NamedTuple):
@@ -67,7 +67,8 @@ def with_anchor(tx: optax.GradientTransformation) -> optax.GradientTransformatio
 
 
 def replica_rl_step(state: TrainState, batch, sft_params, *, rl_step, ema: bool):
-  """One replica's `rl_step` on its row block, on the stacked TrainState.
+  """One replica's RL step (a bound `policy_step`) on its row block, on the
+  stacked TrainState.
 
   batch["rewards"] is [b, 1] (2-D like every batch leaf the DiLoCo programs
   shard); the anchor is state.opt_state.anchor when `ema`, else the SFT params.
@@ -81,16 +82,12 @@ def replica_rl_step(state: TrainState, batch, sft_params, *, rl_step, ema: bool)
   return TrainState(new.step, new.params, opt_state), metrics
 
 
-def policy_loop(trainer, config: sd.DiLoCoConfig, *, batch_size: int, beta: float,
-                ema_rate: float, baseline: str, samples_per_prompt: int,
+def policy_loop(trainer, config: sd.DiLoCoConfig, *, batch_size: int,
                 num_microbatches: int = 1) -> diloco_loop.DiLoCoLoop:
   """DiLoCoLoop around `trainer`'s (a policy_training.PolicyTrainer) RL step:
   `train_step(state, loop_batch(batch), sft_params)`."""
   ema = trainer.anchor == "ema"
-  step = functools.partial(
-      rl_step, model=trainer.model, tx=trainer.tx, schedule=trainer.schedule, beta=beta,
-      ema_rate=ema_rate, baseline=baseline, samples_per_prompt=samples_per_prompt,
-      num_microbatches=num_microbatches)
+  step = trainer.step_fn
   tx = with_anchor(trainer.tx) if ema else trainer.tx
   return diloco_loop.DiLoCoLoop(
       trainer.model, tx, trainer.schedule, trainer.mesh, config, batch_size=batch_size,

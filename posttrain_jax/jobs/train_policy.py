@@ -1,4 +1,4 @@
-"""The `train_policy` job: KL-regularised REINFORCE from an SFT checkpoint.
+"""The `train_policy` job: on-policy RL from an SFT checkpoint (REINFORCE, RLOO, GRPO).
 
 Wires `rl.policy_training` (the partitioned RL step and `PolicyTrainer`) into a
 run: prompts, the sampler, the reward (a registered reward or a reward model
@@ -32,16 +32,18 @@ from posttrain_jax.diloco import policy as diloco_policy
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import ModelConfig, params_checkpoint
-from posttrain_jax.rl import policy_gradient as pg
+from posttrain_jax.rl import policy_optimization as po
 from posttrain_jax.rl import rewards as rewards_lib
 from posttrain_jax.rl.policy_training import (
     PolicyState, PolicyTrainer, load_eval_prompts, prompt_iterator, resolve_reward,
     sample_batch)
+from posttrain_jax.rl.reinforce import Reinforce
 
 SHOWN = (("reward", "reward", "{:.3f}"), ("gold_reward", "gold", "{:.3f}"),
          ("kl_sft", "kl_sft", "{:.3f}"), ("kl_anchor", "kl_anchor", "{:.3f}"),
          ("entropy", "entropy", "{:.2f}"), ("response_length", "len", "{:.1f}"),
-         ("loss", "loss", "{:.4f}"), ("grad_norm", "gnorm", "{:.3f}"),
+         ("clip_fraction", "clip", "{:.3f}"), ("loss", "loss", "{:.4f}"),
+         ("grad_norm", "gnorm", "{:.3f}"),
          ("learning_rate", "lr", "{:.2e}"))
 
 
@@ -57,12 +59,19 @@ class PolicyResult:
   traffic: dict[str, float] | None = None  # DiLoCo bytes (DiLoCoLoop.traffic)
 
 
+def _describe(algorithm) -> str:
+  """'GRPO(epsilon=0.2, ...)': the algorithm and its settings, for the start line."""
+  fields = ", ".join(f"{k}={v}" for k, v in vars(algorithm).items())
+  return f"{algorithm.name}({fields})"
+
+
 def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: str,
                  reward: str, num_steps: int, prompts: PromptConfig | None = None,
                  samples_per_prompt: int = 2, max_new_tokens: int = 64,
                  temperature: float = 0.9, beta: float = 0.1, anchor: str = "ema",
                  ema_rate: float = 0.01, baseline: str = "leave_one_out",
-                 gold_reward: bool = False,
+                 gold_reward: bool = False, algorithm=None, num_epochs: int = 1,
+                 num_minibatches: int = 1,
                  optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6,
                                                               warmup_steps=100),
                  eval_prompts: PromptConfig | None = None, num_eval_prompts: int = 64,
@@ -76,7 +85,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                  operative_config: str | None = None, prompt_source=None,
                  eval_prompt_list: list[list[int]] | None = None,
                  diloco: DiLoCoConfig | None = None) -> PolicyResult:
-  """KL-regularised REINFORCE from an SFT model for `num_steps` steps.
+  """On-policy RL (default: KL-regularised REINFORCE) from an SFT model for
+  `num_steps` rollout steps.
 
   Args:
     model_config: the policy's architecture (that of initial_checkpoint).
@@ -90,9 +100,21 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       each is sampled samples_per_prompt times, so a step has
       batch_size * samples_per_prompt sequences.
     max_new_tokens / temperature / eos_id: sampling (WARP: temperature 0.9).
-    beta: KL coefficient of r_beta = r - beta (log pi - log pi_anchor).
-    anchor: "ema" (WARP) or "sft"; ema_rate: mu of the EMA (0.01 in WARP).
-    baseline: "leave_one_out" (needs samples_per_prompt >= 2), "mean", "none".
+    beta: the KL coefficient towards the anchor, for every algorithm: in the
+      reward for REINFORCE and RLOO (r_beta = r - beta (log pi - log pi_anchor)),
+      a k3 loss term for GRPO (the paper's 0.04).
+    anchor: "ema" (WARP) or "sft"; ema_rate: mu of the EMA (0.01 in WARP). The
+      anchor is the reference of every algorithm's KL.
+    baseline: REINFORCE's baseline when `algorithm` is None: "leave_one_out"
+      (needs samples_per_prompt >= 2), "mean", "none".
+    algorithm: a `policy_optimization` algorithm: Reinforce(baseline) (None),
+      RLOO(epsilon) or GRPO(epsilon, epsilon_high, scale_rewards,
+      loss_normalization, ...); gin: `train_policy.algorithm = @GRPO()`.
+    num_epochs / num_minibatches: optimizer steps per rollout batch (PPO
+      epochs x strided minibatches; TRL's num_iterations / steps_per_generation).
+      REINFORCE takes one; RLOO and GRPO clip the importance ratio. The
+      optimizer schedule (warmup, decay) counts optimizer steps:
+      num_steps x num_epochs x num_minibatches.
     gold_reward: also report the gold reward (training batches and eval).
     optimizer: Adam(W) settings (WARP: lr 1e-6, warmup 100).
     eval_prompts / num_eval_prompts / eval_every: held-out prompts (the first
@@ -117,7 +139,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                      "@train_prompts/PromptConfig() (see gin/experiments/rl/reinforce.gin).")
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-  pg.check_baseline(baseline, samples_per_prompt)
+  algorithm = algorithm or Reinforce(baseline)
+  po.check_updates(algorithm, num_epochs, num_minibatches, samples_per_prompt)
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   score = resolve_reward(reward, mesh)
@@ -135,10 +158,12 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     raise ValueError(f"num_eval_prompts = {len(eval_list)} is not divisible by the mesh's "
                      f"{shards} batch shards.")
   os.makedirs(run_dir, exist_ok=True)
-  schedule, tx = optimizer.build(num_steps)
+  updates = num_epochs * num_minibatches   # optimizer steps per rollout step
+  schedule, tx = optimizer.build(num_steps * updates)
   trainer = PolicyTrainer(model_config, tx, schedule, mesh, beta=beta, anchor=anchor,
-                          ema_rate=ema_rate, baseline=baseline,
-                          samples_per_prompt=samples_per_prompt,
+                          ema_rate=ema_rate, samples_per_prompt=samples_per_prompt,
+                          algorithm=algorithm, num_epochs=num_epochs,
+                          num_minibatches=num_minibatches,
                           num_microbatches=num_microbatches)
   sampler = Sampler(model_config, SamplingConfig(max_new_tokens=max_new_tokens,
                                                  temperature=temperature, eos_id=eos_id),
@@ -148,9 +173,7 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   step_trainer, eval_params = trainer, lambda s: s.params
   if diloco is not None:
     step_trainer = diloco_policy.policy_loop(
-        trainer, diloco, batch_size=batch_size, beta=beta, ema_rate=ema_rate,
-        baseline=baseline, samples_per_prompt=samples_per_prompt,
-        num_microbatches=num_microbatches)
+        trainer, diloco, batch_size=batch_size, num_microbatches=num_microbatches)
     eval_params = step_trainer.eval_params
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every, max_to_keep=keep_checkpoints,
@@ -165,6 +188,13 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
              step_trainer.trainer.state_from_params(sft_params))
     origin = f"initialised from {os.path.abspath(initial_checkpoint)}"
   start = int(jax.device_get(state.step))
+  if diloco is None:  # PolicyState.step counts optimizer steps
+    if start % updates:
+      raise ValueError(
+          f"The checkpoint in {run_dir} has taken {start} optimizer steps, not a multiple "
+          f"of num_epochs x num_minibatches = {updates}: it was written with other "
+          "settings. Resume with those, or start in a new run_dir.")
+    start //= updates
   if diloco is not None:
     step_trainer.start(start)
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
@@ -172,7 +202,7 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   operative_config_lib.record(run_dir, operative_config)  # the start succeeded
   if operative_config:
     reporter.write_text(start, "config", operative_config)
-  reporter.print(f"{origin} | anchor {anchor} (mu {ema_rate}) | beta {beta} | reward "
+  reporter.print(f"{origin} | {_describe(algorithm)} | anchor {anchor} (mu {ema_rate}) | beta {beta} | reward "
                  f"{reward} | {batch_size // samples_per_prompt}x{samples_per_prompt} "
                  f"samples/step | mesh {dict(mesh.shape)} | run_dir {run_dir}")
   if start >= num_steps:

@@ -41,117 +41,67 @@ from __future__ import annotations
 import functools
 import os
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from posttrain_jax.core import partitioning
-from posttrain_jax.core.trainer import TrainState, optimizer_step
 from posttrain_jax.data.dataset_config import PromptConfig
-from posttrain_jax.distillation.sequence_kl import expected_token_kl, mc_sequence_kl
+from posttrain_jax.distillation.sequence_kl import expected_token_kl
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.rl import policy_gradient as pg
+from posttrain_jax.rl import policy_optimization as po
 from posttrain_jax.rl import reward_model
 from posttrain_jax.rl import rewards as rewards_lib
+from posttrain_jax.rl.policy_optimization import PolicyState, policy_step
+from posttrain_jax.rl.reinforce import Reinforce
 
 ANCHORS = ("ema", "sft")
-
-@flax.struct.dataclass
-class PolicyState:
-  step: jax.Array
-  params: object
-  opt_state: object
-  anchor_params: object  # None when the anchor is the SFT model
-
-  def train_state(self) -> TrainState:
-    return TrainState(self.step, self.params, self.opt_state)
-
-
-def _forward(model, params, batch):
-  return model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                     segment_ids=batch["segment_ids"])
-
-
-def reinforce_objective(model: nn.Module):
-  """optimizer_step loss_fn: -sum_i A_i log pi(y_i|x_i), weight = #sequences."""
-  def loss_fn(params, batch, aux=None):
-    del aux
-    logp = pg.sequence_logprobs(_forward(model, params, batch), batch["tokens"],
-                                batch["mask"])
-    return pg.reinforce_loss_sums(logp, batch["advantages"])
-  return loss_fn
-
-
-def _response_logprobs(model, params, batch):
-  """Per-token log pi of the responses [b, T], and the entropy sums of pi on them."""
-  logits = _forward(model, params, batch)
-  return (pg.token_logprobs(logits, batch["tokens"], batch["mask"]),
-          pg.token_entropy_sums(logits, batch["mask"]))
-
-
-def _sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums) -> dict[str, jax.Array]:
-  mask = batch["mask"]
-  return {"reward": jnp.mean(batch["rewards"].astype(jnp.float32)),
-          "kl_sft": mc_sequence_kl(tok_lp, tok_lp_sft, mask)["kl"],
-          "entropy": entropy_sums[0] / jnp.maximum(entropy_sums[1], 1.0),
-          "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1))}
+__all__ = ["ANCHORS", "PolicyState", "PolicyTrainer", "rl_step", "policy_step",
+           "eval_metrics", "sample_batch", "resolve_reward"]
 
 
 def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta: float,
             ema_rate: float, baseline: str, samples_per_prompt: int,
             num_microbatches: int = 1):
-  """One REINFORCE step on sampled responses; batch: tokens, positions,
-  segment_ids, mask [b, T] and rewards [b]. Returns (state, metrics)."""
-  tok_lp, entropy_sums = _response_logprobs(model, state.params, batch)
-  tok_lp_sft, _ = _response_logprobs(model, sft_params, batch)
-  tok_lp_anchor = (tok_lp_sft if state.anchor_params is None else
-                   _response_logprobs(model, state.anchor_params, batch)[0])
-  shaped = pg.kl_regularized_reward(batch["rewards"], jnp.sum(tok_lp, -1),
-                                    jnp.sum(tok_lp_anchor, -1), beta)
-  loss_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "mask")}
-  loss_batch["advantages"] = pg.advantages(shaped, baseline, samples_per_prompt)
-  train_state, metrics = optimizer_step(
-      state.train_state(), loss_batch, loss_fn=reinforce_objective(model), tx=tx,
-      schedule=schedule, num_microbatches=num_microbatches)
-  anchor = state.anchor_params
-  if anchor is not None:
-    anchor = pg.ema_update(anchor, train_state.params, ema_rate)
-  metrics.update(_sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums))
-  metrics.update({
-      "shaped_reward": jnp.mean(shaped),
-      "kl_anchor": mc_sequence_kl(tok_lp, tok_lp_anchor, batch["mask"])["kl"],
-      "tokens": entropy_sums[1],  # generated tokens: the progress line's tok/s
-  })
-  return PolicyState(train_state.step, train_state.params, train_state.opt_state,
-                     anchor), metrics
+  """One KL-regularised REINFORCE step (`policy_step` with `Reinforce(baseline)`);
+  batch: tokens, positions, segment_ids, mask [b, T] and rewards [b]."""
+  return policy_step(state, sft_params, batch, model=model, tx=tx, schedule=schedule,
+                     algorithm=Reinforce(baseline), beta=beta, ema_rate=ema_rate,
+                     samples_per_prompt=samples_per_prompt,
+                     num_microbatches=num_microbatches)
 
 
 def eval_metrics(model, params, sft_params, batch) -> dict[str, jax.Array]:
   """reward, kl_sft (MC), kl_sft_token_sum (sequence_kl.expected_token_kl: the
   full-vocabulary KL summed along the sampled prefixes, lower variance), entropy
   and response_length of sampled responses."""
-  logits, logits_sft = _forward(model, params, batch), _forward(model, sft_params, batch)
+  logits = po.forward(model, params, batch)
+  logits_sft = po.forward(model, sft_params, batch)
   tokens, mask = batch["tokens"], batch["mask"]
-  metrics = _sample_metrics(batch, pg.token_logprobs(logits, tokens, mask),
-                            pg.token_logprobs(logits_sft, tokens, mask),
-                            pg.token_entropy_sums(logits, mask))
+  metrics = po.sample_metrics(batch, pg.token_logprobs(logits, tokens, mask),
+                              pg.token_logprobs(logits_sft, tokens, mask),
+                              pg.token_entropy_sums(logits, mask))
   metrics["kl_sft_token_sum"] = expected_token_kl(logits, logits_sft, mask)["kl"]
   return metrics
 
 
 class PolicyTrainer:
-  """Jitted, partitioned RL step: params/opt state/anchor sharded like Trainer's."""
+  """Jitted, partitioned `policy_step` of one algorithm (default: REINFORCE with
+  a leave-one-out baseline): params/opt state/anchor sharded like Trainer's.
+  `step_fn` is the unjitted step with every setting bound (DiLoCo wraps it)."""
 
   def __init__(self, model_config: ModelConfig, tx, schedule, mesh, *, beta: float,
-               anchor: str, ema_rate: float, baseline: str, samples_per_prompt: int,
-               num_microbatches: int = 1, rules=partitioning.DEFAULT_RULES):
+               anchor: str, ema_rate: float, samples_per_prompt: int, algorithm=None,
+               num_epochs: int = 1, num_minibatches: int = 1, num_microbatches: int = 1,
+               rules=partitioning.DEFAULT_RULES):
     if anchor not in ANCHORS:
       raise ValueError(f"Unknown anchor {anchor!r}; choose one of {list(ANCHORS)}.")
     if not 0.0 <= ema_rate <= 1.0:
       raise ValueError(f"ema_rate (mu) must be in [0, 1], got {ema_rate}.")
-    pg.check_baseline(baseline, samples_per_prompt)
+    self.algorithm = algorithm or Reinforce()
+    po.check_updates(self.algorithm, num_epochs, num_minibatches, samples_per_prompt)
     self.model = Transformer(model_config)
     self.tx, self.mesh, self.rules, self.anchor = tx, mesh, rules, anchor
     self.schedule = schedule
@@ -180,11 +130,13 @@ class PolicyTrainer:
                        for k in ("tokens", "positions", "segment_ids", "mask")}
     batch_shardings["rewards"] = self.row_sharding
     self._batch_shardings = batch_shardings
+    self.step_fn = functools.partial(
+        policy_step, model=self.model, tx=tx, schedule=schedule, algorithm=self.algorithm,
+        beta=beta, ema_rate=ema_rate, samples_per_prompt=samples_per_prompt,
+        num_epochs=num_epochs, num_minibatches=num_minibatches,
+        num_microbatches=num_microbatches)
     self._step = jax.jit(
-        functools.partial(rl_step, model=self.model, tx=tx, schedule=schedule, beta=beta,
-                          ema_rate=ema_rate, baseline=baseline,
-                          samples_per_prompt=samples_per_prompt,
-                          num_microbatches=num_microbatches),
+        self.step_fn,
         in_shardings=(self.state_shardings, self.param_shardings, batch_shardings),
         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
     self._eval = jax.jit(functools.partial(eval_metrics, self.model),

@@ -2,17 +2,13 @@
 J(theta) = E_pi[r] - beta KL(pi || pi_anchor), computed by enumerating every
 response of a toy policy.
 
-The toy policy is a table of next-token logits per position (no dependence on
-the prefix), so pi(y) = prod_t softmax(w_{t-1})[y_t] over V^L responses. At
-w = 0 the policy is uniform, so a batch that holds every response exactly once
-is an exact expectation under pi: with plain SGD (lr 1) the step must move the
+The toy policy (tests/toy_policy.py) is a table of next-token logits per
+position. At w = 0 it is uniform, so a batch that holds every response exactly
+once is an exact expectation under pi: with plain SGD (lr 1) the step must move the
 parameters by exactly grad J. Dropping the KL term, flipping its sign or
 mis-scaling beta changes the update and fails these tests.
 """
 
-import itertools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,36 +17,7 @@ import pytest
 
 from posttrain_jax.rl.policy_training import PolicyState, rl_step
 
-V, L = 3, 3          # vocabulary, response length
-T = L + 1            # one prompt token, then the response
-
-
-class TablePolicy(nn.Module):
-  """logits[b, t] = w[t] for every row: pi(y_t | y_<t) = softmax(w[t - 1])."""
-
-  @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None):
-    del positions, segment_ids
-    w = self.param("w", nn.initializers.zeros, (T, V))
-    return jnp.broadcast_to(w[None], (tokens.shape[0], T, V))
-
-
-RESPONSES = np.array(list(itertools.product(range(V), repeat=L)), np.int32)  # [V^L, L]
-N = len(RESPONSES)
-
-
-def batch(rewards):
-  tokens = np.concatenate([np.zeros((N, 1), np.int32), RESPONSES], axis=1)
-  mask = np.concatenate([np.zeros((N, 1)), np.ones((N, L))], axis=1).astype(np.float32)
-  return {"tokens": jnp.asarray(tokens), "positions": jnp.tile(jnp.arange(T), (N, 1)),
-          "segment_ids": jnp.ones((N, T), jnp.int32), "mask": jnp.asarray(mask),
-          "rewards": jnp.asarray(rewards, jnp.float32)}
-
-
-def log_pi(w):
-  """[N] log pi_w(y) of every response, by enumeration (no project code)."""
-  logp = jax.nn.log_softmax(w[:L], axis=-1)               # row t-1 predicts y_t
-  return jnp.sum(logp[jnp.arange(L)[None], RESPONSES], axis=-1)
+from toy_policy import N, T, V, TablePolicy, batch, log_pi  # pylint: disable=g-bad-import-order
 
 
 def objective(w, w_anchor, rewards, beta):
