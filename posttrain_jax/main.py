@@ -36,6 +36,7 @@ JOBS = {
     "train": "posttrain_jax.jobs.train:train",
     "train_reward_model": "posttrain_jax.jobs.train_reward_model:train_reward_model",
     "train_policy": "posttrain_jax.jobs.train_policy:train_policy",
+    "train_dpo": "posttrain_jax.jobs.train_dpo:train_dpo",
     "distill": "posttrain_jax.jobs.distill:distill",
     "distillation_demo": "posttrain_jax.jobs.distillation_demo:distillation_demo",
 }
@@ -65,6 +66,8 @@ def register_configurables():
   cli.register(importlib.import_module("posttrain_jax.data.generated").register_tfds_text_task,
                name="tfds_text_task")
   cli.register(PromptConfig)
+  for algorithm in ("reinforce:Reinforce", "rloo:RLOO", "grpo:GRPO"):
+    cli.register(_job_function("posttrain_jax.rl." + algorithm))
   for name, spec in JOBS.items():
     cli.register(_job_function(spec), name=name)
   register_configurables.done = True

@@ -9,7 +9,7 @@
 #   sft     the SFT model = the 60-step LM quickstart (runs/lm_quickstart; kept if it exists)
 #   data    DPO's pairs, per seed: 1,600 train prompts sampled twice from the SFT
 #           model (3,200 samples, the RL runs' budget), labelled by the gold
-#           reward (no label noise); 128 validation prompts
+#           reward (no label noise); 100 validation prompts
 #   rl      per seed: reinforce_ema (gin/experiments/rl/reinforce_tiny.gin),
 #           rloo (gin/experiments/rloo_gold.gin), grpo (gin/experiments/grpo_gold.gin):
 #           200 steps x 4 prompts x 4 samples = 3,200 samples each
@@ -54,7 +54,7 @@ stage() {
       $PY -m posttrain_jax.main --gin_file=gin/experiments/lm_quickstart.gin --gin.NUM_STEPS=60 ;;
     data)
       for s in $SEEDS; do label "$s" train 1600 "$ROOT/pairs_train_seed$s.jsonl"; done
-      label 100 validation 128 "$ROOT/pairs_validation.jsonl" ;;
+      label 100 validation 100 "$ROOT/pairs_validation.jsonl" ;;
     rl)
       for s in $SEEDS; do
         for algo in reinforce_ema rloo grpo; do

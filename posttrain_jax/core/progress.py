@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core.quiet_stderr import quiet_stderr
 
 with quiet_stderr():  # clu's writers import TensorFlow when it is installed
@@ -97,3 +98,16 @@ class ProgressReporter:
     self.flush()
     self.writer.flush()
     self.writer.close()
+
+
+def job_reporter(run_dir: str, *, total_steps: int, start_step: int, log_every: int,
+                 shown=None, operative_config: str | None = None) -> ProgressReporter:
+  """A job's ProgressReporter once its start has succeeded: records the
+  operative configuration in run_dir (`operative_config.record`) and writes it
+  as the TensorBoard text "config" at start_step."""
+  reporter = ProgressReporter(run_dir, total_steps=total_steps, start_step=start_step,
+                              log_every=log_every, shown=shown)
+  operative_config_lib.record(run_dir, operative_config)
+  if operative_config:
+    reporter.write_text(start_step, "config", operative_config)
+  return reporter

@@ -104,6 +104,10 @@ def _dataset_fn(split_to_files: Mapping[str, FilePattern], split: str,
     from posttrain_jax.data._tf import tf
     del shuffle_files, seed  # examples are shuffled by seqio (seed-deterministic)
     records = read_preferences(split_to_files[split])
+    if not records:
+        raise ValueError(f"The preference file(s) {_files(split_to_files[split])} of split "
+                         f"{split!r} hold no pairs. Fix: write pairs with "
+                         "tools/label_preferences.py or point the split at another file.")
     return tf.data.Dataset.from_tensor_slices({
         k: tf.ragged.constant([r[k] for r in records], dtype=tf.int32) for k in FIELDS})
 

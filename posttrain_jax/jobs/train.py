@@ -49,9 +49,10 @@ class TrainResult:
   traffic: dict[str, float] | None = None  # DiLoCo bytes (DiLoCoLoop.traffic)
 
 
-def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int) -> None:
+def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int,
+                    keys=("decoder_input_tokens", "decoder_target_tokens")) -> None:
   """Rejects token ids outside [0, vocab_size) before they reach the device."""
-  for key in ("decoder_input_tokens", "decoder_target_tokens"):
+  for key in keys:
     tokens = batch[key]
     hi, lo = int(tokens.max()), int(tokens.min())
     if hi >= vocab_size or lo < 0:

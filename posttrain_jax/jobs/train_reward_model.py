@@ -18,18 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.checkpointing import Checkpointer
 from posttrain_jax.core.nonfinite_guard import NonFiniteGuard
 from posttrain_jax.core.optimizer import OptimizerConfig
-from posttrain_jax.core.progress import ProgressReporter
+from posttrain_jax.core.progress import job_reporter
 from posttrain_jax.core.step_loop import StepLoop
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.models import ModelConfig, params_checkpoint
 from posttrain_jax.rl import reward_model
 from posttrain_jax.rl.reward_model import RewardModel
-from posttrain_jax.rl.reward_training import RewardTrainer
+from posttrain_jax.rl.reward_training import RewardTrainer, pair_eval_batches, pair_iterator
 
 SHOWN = (("loss", "loss", "{:.4f}"), ("accuracy", "acc", "{:.3f}"),
          ("margin", "margin", "{:.3f}"), ("learning_rate", "lr", "{:.2e}"),
@@ -46,19 +45,6 @@ class RewardTrainResult:
   linear_probe_head: np.ndarray | None = None  # head kernel after LP (if run here)
   preempted: bool = False
   skipped_steps: int = 0
-
-
-def _iterator(cfg: DatasetConfig, seed: int | None = None):
-  from posttrain_jax.data.preferences import PreferenceBatchIterator  # TF lives in data/
-  count = jax.process_count()
-  if cfg.batch_size % count:
-    raise ValueError(f"Global batch_size {cfg.batch_size} is not divisible by {count} "
-                     "processes.")
-  return PreferenceBatchIterator(
-      task_name=cfg.task_name, split=cfg.split, sequence_length=cfg.sequence_length,
-      batch_size=cfg.batch_size // count, shuffle=cfg.shuffle,
-      seed=cfg.seed if seed is None else seed, num_epochs=cfg.num_epochs,
-      shard_index=jax.process_index(), num_shards=count)
 
 
 def evaluate(trainer: RewardTrainer, params, batches) -> dict[str, float]:
@@ -153,8 +139,8 @@ def train_reward_model(
   checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"),
                               save_every_steps=checkpoint_every, max_to_keep=keep_checkpoints,
                               async_save=async_checkpointing)
-  probe_data = _iterator(train_data, linear_probe_seed) if k > 0 else None
-  data = _iterator(train_data)
+  probe_data = pair_iterator(train_data, linear_probe_seed) if k > 0 else None
+  data = pair_iterator(train_data)
 
   def data_state():
     return {"train": data.get_state(),
@@ -171,23 +157,15 @@ def train_reward_model(
                                      allow_random_init, seed)
     state = trainer.state_from_params(params)
   start = int(jax.device_get(state.step))
-  reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
-                              log_every=log_every, shown=SHOWN)
-  operative_config_lib.record(run_dir, operative_config)  # the start succeeded
-  if operative_config:
-    reporter.write_text(start, "config", operative_config)
+  reporter = job_reporter(run_dir, total_steps=num_steps, start_step=start,
+                          log_every=log_every, shown=SHOWN, operative_config=operative_config)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   reporter.print(f"reward model: {origin} | {count:,} params | linear probe steps 1-{k}, "
                  f"fine-tuning {k + 1}-{num_steps} | mesh {dict(mesh.shape)} | "
                  f"run_dir {run_dir}")
   eval_set = None
   if eval_data is not None:
-    from posttrain_jax.data.preferences import preference_eval_batches
-    eval_set = preference_eval_batches(
-        task_name=eval_data.task_name, split=eval_data.split,
-        sequence_length=eval_data.sequence_length,
-        batch_size=eval_data.batch_size // jax.process_count(), max_batches=eval_batches,
-        shard_index=jax.process_index(), num_shards=jax.process_count())
+    eval_set = pair_eval_batches(eval_data, eval_batches)
   base_rng = jax.random.key(seed)
   eval_metrics, probe_head = {}, None
   loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,

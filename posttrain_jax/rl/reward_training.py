@@ -158,7 +158,40 @@ class RewardTrainer:
       return self._eval(params, batch)
 
   def shard_batch(self, local: Mapping[str, np.ndarray]):
-    """Global arrays over the batch axes; pair_weights [B] travels as [B, 1]."""
-    local = dict(local)
-    local["pair_weights"] = np.asarray(local["pair_weights"], np.float32).reshape(-1, 1)
-    return partitioning.global_batch(local, self.mesh, self.rules)
+    return shard_pairs(local, self.mesh, self.rules)
+
+
+def shard_pairs(local: Mapping[str, np.ndarray], mesh, rules=partitioning.DEFAULT_RULES):
+  """A pair batch as global arrays over the batch axes; per-pair values [B]
+  (pair_weights, ...) travel as [B, 1]."""
+  local = {k: np.asarray(v).reshape(-1, 1) if np.ndim(v) == 1 else v
+           for k, v in local.items()}
+  if "pair_weights" in local:
+    local["pair_weights"] = local["pair_weights"].astype(np.float32)
+  return partitioning.global_batch(local, mesh, rules)
+
+
+def pair_iterator(cfg, seed: int | None = None, start_batch: int = 0):
+  """data.preferences.PreferenceBatchIterator over cfg (a DatasetConfig): this
+  process's share of the global batch_size, its shard of the pairs, from batch
+  start_batch on."""
+  from posttrain_jax.data.preferences import PreferenceBatchIterator  # TF lives in data/
+  count = jax.process_count()
+  if cfg.batch_size % count:
+    raise ValueError(f"Global batch_size {cfg.batch_size} is not divisible by {count} "
+                     "processes.")
+  return PreferenceBatchIterator(
+      task_name=cfg.task_name, split=cfg.split, sequence_length=cfg.sequence_length,
+      batch_size=cfg.batch_size // count, shuffle=cfg.shuffle,
+      seed=cfg.seed if seed is None else seed, num_epochs=cfg.num_epochs,
+      shard_index=jax.process_index(), num_shards=count, start_batch=start_batch)
+
+
+def pair_eval_batches(cfg, max_batches: int | None) -> list[dict[str, np.ndarray]]:
+  """One unshuffled pass over cfg's held-out pairs (this process's shard; the
+  last batch padded with weight-0 pairs), at most max_batches batches."""
+  from posttrain_jax.data.preferences import preference_eval_batches  # TF lives in data/
+  return preference_eval_batches(
+      task_name=cfg.task_name, split=cfg.split, sequence_length=cfg.sequence_length,
+      batch_size=cfg.batch_size // jax.process_count(), max_batches=max_batches,
+      shard_index=jax.process_index(), num_shards=jax.process_count())

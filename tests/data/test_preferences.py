@@ -88,6 +88,15 @@ def test_bad_files_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="No preference task 'missing'"):
         prefs.PreferenceBatchIterator(task_name="missing", split="train",
                                       sequence_length=8, batch_size=2)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    prefs.register_preference_task("empty_prefs", {"train": str(empty)})
+    for read in (lambda: prefs.PreferenceBatchIterator(
+            task_name="empty_prefs", split="train", sequence_length=8, batch_size=2),
+                 lambda: prefs.preference_eval_batches(
+            task_name="empty_prefs", split="train", sequence_length=8, batch_size=2)):
+        with pytest.raises(ValueError, match=r"empty.jsonl'\] of split 'train' hold no pairs"):
+            read()
 
 
 def test_label_noise_flips_exactly_the_requested_fraction():

@@ -10,25 +10,17 @@ from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.data.preferences import pairs_to_batch, write_preferences
 from posttrain_jax.jobs.train_reward_model import train_reward_model
-from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models import Transformer
 from posttrain_jax.models import params_checkpoint
 from posttrain_jax.rl.reward_model import abstract_params, load_reward_fn
 
-CFG = ModelConfig(vocab_size=256, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                  head_dim=8, mlp_dim=32, sliding_window_size=8)
+from preference_pairs import easy_pairs, tiny_model_config  # pylint: disable=g-bad-import-order
+
+CFG = tiny_model_config()
 DATA = DatasetConfig(task_name="rm_test_prefs", split="train", sequence_length=12,
                      batch_size=8, seed=0)
 EVAL = DatasetConfig(task_name="rm_test_prefs", split="validation", sequence_length=12,
                      batch_size=8, shuffle=False, num_epochs=1)
-
-
-def easy_pairs(n, seed):
-  """Chosen responses use tokens 100-119, rejected ones 200-219: linearly separable."""
-  rng = np.random.default_rng(seed)
-  return [{"prompt": rng.integers(3, 50, size=4).tolist(),
-           "chosen": rng.integers(100, 120, size=rng.integers(2, 6)).tolist(),
-           "rejected": rng.integers(200, 220, size=rng.integers(2, 6)).tolist()}
-          for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
