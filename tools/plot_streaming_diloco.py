@@ -46,7 +46,7 @@ def main(argv=None) -> None:
   dp_equiv = next((s["traffic/dp_sent_bytes"] for s in runs.values()
                    if "traffic/dp_sent_bytes" in s), None)
   print("| run | train loss (last 50 steps) | eval loss | "
-        "bytes sent (all replicas) | vs data-parallel | peak bytes / step / replica |")
+        "bytes sent (all replicas) | vs data-parallel (traffic/dp_ratio: per replica, bf16 ring all-reduce since issue 17) | peak bytes / step / replica |")
   print("|---|---|---|---|---|---|")
   for name, s in runs.items():
     last = max(s["eval/loss"])

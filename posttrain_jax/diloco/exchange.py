@@ -27,8 +27,9 @@ block of Δ and its shard over the other mesh axes, and:
      This is all that crosses the replica axis: per tensor, each device sends
      its shard's codes (fp4: ceil(n_shard / 2) bytes) and its copy of the
      scales (4 bytes each); over a replica's devices that is
-     `quantization.bytes_of` of the tensor (what `Traffic` counts) plus at
-     most one pad nibble per shard and the scales repeated once per shard;
+     `quantization.bytes_of` of the tensor (`Traffic` counts M - 1 of these
+     per replica) plus at most one pad nibble per shard and the scales
+     repeated once per shard;
   4. unpacks and decodes the M replicas' codes and takes the weighted fp32 mean
      locally (`streaming_diloco.replica_mean`, the reference's fixed order of
      summation): Δ_p comes out sharded like the param (replicated over
@@ -43,7 +44,9 @@ tensors; then `quantization.quantize` / `dequantize` per tensor). Otherwise
 (blocks crossing shard boundaries) the tensor falls back to the reference
 `exchange` (fake quantization, then a mean that XLA lowers to an fp32
 all-reduce over "replica": exact numerics, fp32 on the wire);
-`fallback_names` lists those tensors. Per-tensor scales (the default) and
+`fallback_names` lists those tensors (`DiLoCoTrainer` logs them at start-up
+and `Traffic` counts them as fp32 all-reduces; block_fallback="error" refuses
+them). Mesh axes of size 1 do not count as sharding. Per-tensor scales (the default) and
 bf16 / none always take the packed path.
 """
 
@@ -139,7 +142,8 @@ def _plan(shape, spec, row_tensors: bool, mesh, fmt: str, block: int | None):
   lead = 2 if row_tensors else 1
   tensor_shape = tuple(shape[lead - 1:])
   tensor_spec = spec[lead - 1:]
-  axes = tuple(a for e in tensor_spec for a in _axes_of(e))
+  # mesh axes that really split the tensor (a size-1 axis leaves it whole)
+  axes = tuple(a for e in tensor_spec for a in _axes_of(e) if mesh.shape[a] > 1)
   if fmt in ("none", "bf16"):
     return _Plan("raw", spec, lead, tensor_shape)
   if block is None:

@@ -124,6 +124,7 @@ class DiLoCoLoop:
     ratio = lambda a, b: a / b if b else float("inf")
     c["dp_ratio"] = ratio(c["dp_replica_bytes"], c["replica_bytes"])
     c["dp_peak_ratio"] = ratio(c["dp_peak_step_bytes"], c["peak_step_bytes"])
+    c["dp_fp32_ratio"] = ratio(c["dp_fp32_replica_bytes"], c["replica_bytes"])
     return c
 
   def write_traffic(self, reporter, step: int) -> None:
@@ -136,9 +137,11 @@ class DiLoCoLoop:
     return (f"DiLoCo M={c.num_replicas} H={c.sync_every} "
             f"fragments={len(self.trainer.fragments)} {c.quantization} | sent "
             f"{_gb(t['sent_bytes'])} ({_gb(t['replica_bytes'])} per replica, peak "
-            f"{_gb(t['peak_step_bytes'])}/step) | data-parallel "
-            f"{_gb(t['dp_sent_bytes'])} (peak {_gb(t['dp_peak_step_bytes'])}/step) | "
-            + (f"{t['dp_ratio']:.0f}x fewer bytes, {t['dp_peak_ratio']:.1f}x lower peak"
+            f"{_gb(t['peak_step_bytes'])}/step) | data-parallel ({c.dp_dtype} ring "
+            f"all-reduce) {_gb(t['dp_sent_bytes'])} (peak "
+            f"{_gb(t['dp_peak_step_bytes'])}/step) | "
+            + (f"{t['dp_ratio']:.0f}x fewer bytes per replica ({t['dp_fp32_ratio']:.0f}x "
+               f"vs fp32), {t['dp_peak_ratio']:.1f}x lower peak"
                if t["replica_bytes"] else "no exchange yet"))
 
 

@@ -80,8 +80,8 @@ its momentum and the replicas' θ_{m,p} stay as they are).
 Outer optimizer state is kept per fragment (tx.init of the fragment's values),
 so any elementwise optax optimizer steps each fragment once per window.
 
-Bytes: `Traffic` and `ByteCounter` (diloco_traffic.py, host-side ints) count
-the FP4 codes and scales per sync and the data-parallel equivalent.
+Bytes: `Traffic` and `ByteCounter` (traffic.py, host-side ints) count what
+each collective moves per replica and the bf16 data-parallel equivalent.
 
 Hyperparameter provenance: H = 100, τ = 1, α = 0.5, M = 2, fragments of 3
 layers, strided, FP4 E3M0 [V/S]; outer lr 0.4 [S]; outer momentum 0.9, per-tensor
@@ -132,8 +132,10 @@ class DiLoCoConfig:
       (momentum 0 means plain SGD).
     quantization: exchange format, one of quantization.FORMATS.
     quant_block: None = one scale per tensor, K = one per K elements.
-    dp_bytes_per_param: bytes per parameter of the data-parallel baseline's
-      gradient all-reduce; None = the params' dtype size.
+    dp_dtype: dtype of the data-parallel baseline's gradient all-reduce
+      (traffic.py; bf16 as in the paper).
+    block_fallback: "fp32" (tensors whose scale blocks cross shards take the
+      fp32 reference exchange, counted and reported) or "error" (refuse).
   """
 
   num_replicas: int = 2
@@ -148,7 +150,8 @@ class DiLoCoConfig:
   nesterov: bool = True
   quantization: str = "fp4_e3m0"
   quant_block: int | None = None
-  dp_bytes_per_param: int | None = None
+  dp_dtype: str = "bfloat16"
+  block_fallback: str = "fp32"
 
   def __post_init__(self):
     if self.num_replicas < 1:
@@ -157,6 +160,9 @@ class DiLoCoConfig:
       raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
     quantization.bytes_of((1,), self.quantization, self.quant_block)  # validates
     fr.SyncSchedule(1, self.sync_every, self.overlap)  # validates H and tau
+    if self.block_fallback not in ("fp32", "error"):
+      raise ValueError(f"block_fallback must be 'fp32' or 'error', got "
+                       f"{self.block_fallback!r}.")
 
   def outer_optimizer(self) -> optax.GradientTransformation:
     momentum = self.outer_momentum or None
@@ -360,7 +366,7 @@ class StreamingDiLoCo:
 
   def __init__(self, config: DiLoCoConfig, inner_step: InnerStep, params,
                spmd_axis_name: str | None = None, exchange_fn: Callable = exchange,
-               fuse_exchange: bool = True):
+               fuse_exchange: bool = True, fallback=None):
     self.config = config
     self.exchange_fn = exchange_fn
     self.inner_step = inner_step
@@ -369,8 +375,10 @@ class StreamingDiLoCo:
                                     config.overlap)
     self.fused = fuse_exchange and config.overlap >= 1
     self.outer_tx = config.outer_optimizer()
+    # fallback: per fragment, tensors on the fp32 reference path (traffic.py)
     self.traffic = Traffic.build(params, self.fragments, config.quantization,
-                                 config.quant_block, config.dp_bytes_per_param)
+                                 config.quant_block, config.num_replicas,
+                                 config.dp_dtype, fallback)
     self.spmd_axis_name = spmd_axis_name
     self.dispatches: collections.Counter = collections.Counter()
     self._inner: Callable | None = None

@@ -26,6 +26,7 @@ inner step, host step count t - 1 in `train_step`) runs:
 from __future__ import annotations
 
 import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -36,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.trainer import Trainer, TrainState, _MeshRules, train_step
 from posttrain_jax.diloco import fragments as fr
-from posttrain_jax.diloco.exchange import sharded_exchange
+from posttrain_jax.diloco.exchange import fallback_names, sharded_exchange
 from posttrain_jax.diloco.streaming_diloco import (REPLICA_AXIS, ByteCounter, DiLoCoConfig,
                                             DiLoCoState, InnerStep, StreamingDiLoCo,
                                             exchange, split_replicas)
@@ -94,9 +95,19 @@ class DiLoCoTrainer:
     # replica axis sharded: all-gather the packed codes over it (diloco_exchange)
     exchange_fn = (functools.partial(sharded_exchange, param_shardings=param_sh)
                    if r > 1 else exchange)
-    self.algo = StreamingDiLoCo(config, inner_step, self.trainer.abstract_state.params,
+    abstract_params = self.trainer.abstract_state.params
+    # tensors the sharded exchange sends as fp32 (on this mesh's non-replica
+    # sharding, whatever r): counted so by Traffic, reported at start-up
+    fallback = [fallback_names(f, param_sh, abstract_params, config.quantization,
+                               config.quant_block)
+                for f in config.make_fragments(abstract_params)]
+    self.algo = StreamingDiLoCo(config, inner_step, abstract_params,
                                 spmd_axis_name=REPLICA_AXIS, exchange_fn=exchange_fn,
-                                fuse_exchange=fuse_exchange)
+                                fuse_exchange=fuse_exchange, fallback=fallback)
+    if any(fallback) and config.block_fallback == "error":
+      raise ValueError(self.algo.traffic.fallback_line() + " (block_fallback='error')")
+    (logging.warning if any(fallback) else logging.info)(
+        self.algo.traffic.fallback_line())
     self.algo._jit_inner = self._jit_inner  # pylint: disable=protected-access
     self.algo._jit_outer = self._jit_outer  # pylint: disable=protected-access
     self.algo._jit_fused = self._jit_fused  # pylint: disable=protected-access

@@ -57,7 +57,8 @@ def test_gin_streaming_diloco_trains_reports_traffic_and_resumes_exactly(tmp_pat
   t = full.traffic
   assert t["replica_bytes"] > 0 and t["sent_bytes"] == 2 * t["replica_bytes"]
   assert t["dp_replica_bytes"] == 8 * t["dp_peak_step_bytes"]
-  assert t["dp_ratio"] > 8 * 4 * 0.9  # fp4 vs fp32 (8x) and H = 4
+  assert t["dp_ratio"] > 4 * 4 * 0.9  # fp4 vs bf16 (4x) and H = 4
+  assert t["dp_fp32_ratio"] == pytest.approx(2 * t["dp_ratio"])
   from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(str(tmp_path / "full"))
   acc.Reload()
