@@ -135,3 +135,28 @@ def liti(init, merged, eta: float = 0.3):
     raise ValueError(f"LITI eta must be in [0, 1], got {eta}.")
   return average([init, merged], [1.0 - eta, eta]) if 0.0 < eta < 1.0 else (
       merged if eta == 1.0 else init)
+
+
+def task_vector_angles(init, params_1, params_2, eps: float = 1e-6) -> dict[str, float]:
+  """The angle Omega (degrees) between the task vectors delta_1 = theta_1 - init
+  and delta_2 = theta_2 - init of every parameter tensor, keyed by its path:
+
+    Omega = arccos(<delta_1, delta_2> / (|delta_1| |delta_2|)),
+
+  the angle `slerp` uses for that tensor (WARP, arXiv 2406.16768, Sec. 3.2:
+  ~90 degrees between the task vectors of two RL runs). NaN where a task
+  vector is ~0 (|delta| < eps: SLERP falls back to LERP there).
+  """
+  _check_same_structure([init, params_1, params_2])
+  flat = [jax.tree_util.tree_flatten_with_path(t)[0] for t in (init, params_1, params_2)]
+  out = {}
+  for (path, t0), (_, t1), (_, t2) in zip(*flat):
+    t0, t1, t2 = (np.asarray(t, np.float64) for t in (t0, t1, t2))
+    d1, d2 = (t1 - t0).ravel(), (t2 - t0).ravel()
+    n1, n2 = np.linalg.norm(d1), np.linalg.norm(d2)
+    if n1 < eps or n2 < eps:
+      out[jax.tree_util.keystr(path)] = float("nan")
+      continue
+    cos = np.clip(np.dot(d1, d2) / (n1 * n2), -1.0, 1.0)
+    out[jax.tree_util.keystr(path)] = float(np.degrees(np.arccos(cos)))
+  return out

@@ -20,6 +20,8 @@ import numpy as np
 
 from posttrain_jax.merging.interpolation import (average, liti, normalized_weights,
                                                  slerp_many)
+from posttrain_jax.merging.leafwise import Rule
+from posttrain_jax.merging.streaming import stream_merge
 from posttrain_jax.models import ModelConfig, params_checkpoint
 from posttrain_jax.rl import reward_model
 
@@ -41,8 +43,9 @@ def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
   return dataclasses.replace(b, **neutral) == a
 
 
-def load_models(directories: Sequence[str]) -> list[LoadedModel]:
-  """Host (numpy) parameters of model directories, all in model 0's layout."""
+def check_models(directories: Sequence[str]) -> tuple[ModelConfig, bool]:
+  """(ModelConfig, is_reward_model) shared by all directories, or one clear ValueError
+  naming the directories of different kinds or architectures."""
   if not directories:
     raise ValueError("Nothing to merge: give at least one model directory.")
   configs = []
@@ -61,6 +64,13 @@ def load_models(directories: Sequence[str]) -> list[LoadedModel]:
               if getattr(cfg, f.name) != getattr(other, f.name)]
       raise ValueError(f"Cannot merge {directories[0]} with {d}: different "
                        f"architectures ({'; '.join(diff)}).")
+  return cfg, kinds[0]
+
+
+def load_models(directories: Sequence[str]) -> list[LoadedModel]:
+  """Host (numpy) parameters of model directories, all in model 0's layout."""
+  cfg, is_rm = check_models(directories)
+  kinds = [is_rm] * len(directories)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   out = []
   for d, is_rm in zip(directories, kinds):
@@ -114,3 +124,20 @@ def liti_model_dirs(init: str, merged: str, output: str, eta: float) -> LoadedMo
   info = {"merged_from": [os.path.abspath(merged)], "init": os.path.abspath(init),
           "merge": "liti", "eta": eta}
   return write_model(output, models[1], liti(models[0].params, models[1].params, eta), info)
+
+
+def stream_merge_dirs(rule: Rule, directories: Sequence[str], output: str, info: dict[str, Any],
+                      init: str | None = None) -> LoadedModel:
+  """Merges directories with a per-tensor `rule` leaf by leaf from their orbax
+  checkpoints (merging.streaming) and writes a model directory of their kind.
+
+  The init (when the rule takes one) must be of the same architecture; a policy
+  init (e.g. the SFT model) of reward models is rejected: give the reward model
+  the fine-tunings started from.
+  """
+  cfg, is_rm = check_models(([init] if init else []) + list(directories))
+  params = stream_merge(rule, directories, init)
+  like = LoadedModel(os.path.abspath(directories[0]), cfg, None, is_rm)
+  info = {"merged_from": [os.path.abspath(d) for d in directories],
+          **({"init": os.path.abspath(init)} if init else {}), **info}
+  return write_model(output, like, params, info)

@@ -1,5 +1,6 @@
 """tools/merge.py average: model dirs in, merged model dir out, one-line errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,58 @@ def test_slerp_and_liti_subcommands(tmp_path):
   out = merging.load_models([str(tmp_path / "l")])[0].params
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                out, merging.liti(init, merged, 0.3))
+
+
+def test_task_vector_subcommands_merge_leaf_by_leaf(tmp_path):
+  init, a, b = rm(0), rm(1), rm(2)
+  for name, p in (("init", init), ("a", a), ("b", b)):
+    save_reward_model(str(tmp_path / name), p, CFG)
+  dirs = [str(tmp_path / "a"), str(tmp_path / "b")]
+  cases = {
+      "task_arithmetic": (["--lambdas", "0.5", "1.5"],
+                          merging.task_arithmetic(init, [a, b], [0.5, 1.5])),
+      "ties": (["--density", "0.3", "--lambda", "0.9"],
+               merging.ties(init, [a, b], density=0.3, lam=0.9)),
+      "dare": (["--drop", "0.5", "--seed", "3"], merging.dare(init, [a, b], 0.5, seed=3)),
+      "model_stock": ([], merging.model_stock(init, [a, b])),
+  }
+  for method, (flags, expected) in cases.items():
+    out = str(tmp_path / method)
+    proc = run_tool(method, "--init", str(tmp_path / "init"), "--output", out, *dirs, *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert is_reward_model(out) and "2 reward model directories" in proc.stdout
+    merged = merging.load_models([out])[0].params
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 merged, expected)
+  proc = run_tool("ties", "--init", str(tmp_path / "init"), "--output", str(tmp_path / "t0"),
+                  *dirs, "--density", "0")
+  assert proc.returncode == 2 and "--density must be in (0, 1]" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_greedy_soup_of_reward_models_on_heldout_pairs(tmp_path):
+  pos = rm(1)
+  neg = dict(pos, head={"kernel": -pos["head"]["kernel"]})
+  save_reward_model(str(tmp_path / "pos"), pos, CFG)
+  save_reward_model(str(tmp_path / "neg"), neg, CFG)
+  rng = np.random.default_rng(0)
+  with open(tmp_path / "pairs.jsonl", "w") as f:
+    for _ in range(16):
+      row = {k: rng.integers(1, 64, size=n).tolist()
+             for k, n in (("prompt", 3), ("chosen", 4), ("rejected", 4))}
+      f.write(json.dumps(row) + "\n")
+  out = str(tmp_path / "soup")
+  proc = run_tool("greedy_soup", "--pairs", str(tmp_path / "pairs.jsonl"), "--output", out,
+                  str(tmp_path / "pos"), str(tmp_path / "neg"))
+  assert proc.returncode == 0, proc.stderr
+  # opposite heads: alone, accuracies a and 1 - a; together the head is 0 (accuracy 0),
+  # so the soup is the better one alone
+  alone = {line.split(":")[0].strip(): float(line.split("alone ")[1].split(",")[0])
+           for line in proc.stdout.splitlines() if "alone" in line}
+  best = max(alone, key=alone.get)
+  assert "1 of 2 kept" in proc.stdout and "dropped" in proc.stdout
+  merged = merging.load_models([out])[0].params
+  jax.tree.map(np.testing.assert_array_equal, merged, pos if best.endswith("pos") else neg)
+  proc = run_tool("greedy_soup", "--pairs", str(tmp_path / "pairs.jsonl"), "--output",
+                  str(tmp_path / "x"), str(tmp_path / "p"))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
