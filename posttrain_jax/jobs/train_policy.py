@@ -32,6 +32,7 @@ from posttrain_jax.diloco import policy as diloco_policy
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import ModelConfig, params_checkpoint
+from posttrain_jax.rl import mixed_rollout
 from posttrain_jax.rl import policy_optimization as po
 from posttrain_jax.rl import rewards as rewards_lib
 from posttrain_jax.rl.policy_training import (
@@ -84,7 +85,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                  nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
                  operative_config: str | None = None, prompt_source=None,
                  eval_prompt_list: list[list[int]] | None = None,
-                 diloco: DiLoCoConfig | None = None) -> PolicyResult:
+                 diloco: DiLoCoConfig | None = None,
+                 anchor_reset_every: int = 0) -> PolicyResult:
   """On-policy RL (default: KL-regularised REINFORCE) from an SFT model for
   `num_steps` rollout steps.
 
@@ -128,6 +130,10 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       batch with its own params θ_m (EMA anchor per replica); eval/* and
       checkpoint exports use the outer params θ̃; traffic/* scalars. The batch
       must be a multiple of num_replicas x the batch shards.
+    anchor_reset_every: K > 0 sets the anchor to the policy every K steps (hard
+      anchor updates, iterative BOND; needs anchor "ema"). An algorithm with
+      `row_sources` (BOND, J-BOND) gets rows sampled from the anchor too
+      (`mixed_rollout`); then reward/gold_reward average all rows.
   """
   if not initial_checkpoint:
     raise ValueError("train_policy needs initial_checkpoint: the SFT model directory "
@@ -141,6 +147,13 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   algorithm = algorithm or Reinforce(baseline)
   po.check_updates(algorithm, num_epochs, num_minibatches, samples_per_prompt)
+  sources = mixed_rollout.row_sources(algorithm, samples_per_prompt)
+  if (sources or anchor_reset_every) and diloco is not None:
+    raise ValueError("Anchor samples (row_sources) and anchor_reset_every are not "
+                     "supported with diloco; unset one of them.")
+  if anchor_reset_every and anchor != "ema":
+    raise ValueError("anchor_reset_every needs anchor = 'ema' (a stored anchor), got "
+                     f"{anchor!r}.")
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   score = resolve_reward(reward, mesh)
@@ -231,8 +244,15 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
       prompt_list = [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())]
       key = jax.random.fold_in(base_rng, step)
       if diloco is None:
-        sample = sampler(state.params, prompt_list, key, prompt_length=rows.shape[1])
+        if sources is None:
+          sample = sampler(state.params, prompt_list, key, prompt_length=rows.shape[1])
+        else:
+          anchor_params = sft_params if state.anchor_params is None else state.anchor_params
+          sample = mixed_rollout.sample(sampler, {"policy": state.params, "anchor": anchor_params},
+                                        prompt_list, key, rows.shape[1], sources)
         state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
+        if anchor_reset_every and step % anchor_reset_every == 0:
+          state = mixed_rollout.reset_anchor(state)
       else:  # block m sampled from replica m's params
         sample = diloco_policy.sample_replicas(sampler, state, prompt_list, key,
                                                rows.shape[1], trainer.param_shardings)
