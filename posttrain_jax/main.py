@@ -39,6 +39,8 @@ JOBS = {
     "train_dpo": "posttrain_jax.jobs.train_dpo:train_dpo",
     "distill": "posttrain_jax.jobs.distill:distill",
     "distillation_demo": "posttrain_jax.jobs.distillation_demo:distillation_demo",
+    "cfg_distill": "posttrain_jax.jobs.cfg_distill:cfg_distill",
+    "warp": "posttrain_jax.jobs.warp:warp",
 }
 
 
@@ -66,7 +68,7 @@ def register_configurables():
   cli.register(importlib.import_module("posttrain_jax.data.generated").register_tfds_text_task,
                name="tfds_text_task")
   cli.register(PromptConfig)
-  for algorithm in ("reinforce:Reinforce", "rloo:RLOO", "grpo:GRPO"):
+  for algorithm in ("reinforce:Reinforce", "rloo:RLOO", "grpo:GRPO", "bond:BOND", "bond:JBOND"):
     cli.register(_job_function("posttrain_jax.rl." + algorithm))
   for name, spec in JOBS.items():
     cli.register(_job_function(spec), name=name)

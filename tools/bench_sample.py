@@ -48,6 +48,8 @@ def parse_args(argv):
   p.add_argument("--no_hf", action="store_true", help="skip the transformers row")
   p.add_argument("--hf_device", default=None, help="torch device (default cuda if any)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance gamma (2 forward rows per token; no HF row)")
   return p.parse_args(argv)
 
 
@@ -67,10 +69,10 @@ def prompts_for(cfg, batch, prompt_len, seed=0):
   return [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
 
 
-def time_ours(cfg, params, prompts, new_tokens, repeats, ici):
+def time_ours(cfg, params, prompts, new_tokens, repeats, ici, guidance=None):
   mesh = partitioning.create_mesh(ici)
   sampler = Sampler(cfg, SamplingConfig(max_new_tokens=new_tokens, greedy=True,
-                                        eos_id=None), mesh)
+                                        eos_id=None, guidance=guidance), mesh)
   params = jax.device_put(params, sampler.param_shardings)
   t0 = time.perf_counter()
   out = jax.block_until_ready(sampler(params, prompts, jax.random.key(0)))
@@ -143,14 +145,16 @@ def main(argv=None) -> int:
   prompts = prompts_for(cfg, args.batch, args.prompt_len)
   new = args.batch * args.new_tokens
   ours_s, compile_s, ours_tokens = time_ours(cfg, params, prompts, args.new_tokens,
-                                             args.repeats, ici)
+                                             args.repeats, ici, args.guidance)
   rows = [{"engine": "posttrain_jax", "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "model": args.model,
            "batch": args.batch, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "seconds": ours_s,
            "new_tokens_per_s": new / ours_s, "ms_per_step": 1e3 * ours_s / args.new_tokens,
            "compile_s": compile_s}]
-  if not args.no_hf:
+  if args.guidance is not None:
+    rows[0].update(guidance=args.guidance, forward_rows_per_token=2)
+  if not args.no_hf and args.guidance is None:
     import torch
     device = args.hf_device or ("cuda" if torch.cuda.is_available() else "cpu")
     hf_s, hf_tokens = time_hf(cfg, params, prompts, args.new_tokens, args.repeats,

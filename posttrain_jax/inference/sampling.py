@@ -10,6 +10,25 @@ early once every sequence has emitted EOS).
 Each generated token carries two log-probabilities: under the sampling
 distribution (temperature, top-k, top-p applied; 0 for greedy) and under the
 untempered model (log_softmax of the logits), as the trainers need both.
+
+Classifier-free guidance (`SamplingConfig.guidance = gamma`; Cideron et al.
+2024, arXiv 2410.06084, after Ho & Salimans 2022): the condition is the prompt
+and the unconditional branch is the same model with the prompt replaced by
+`null_prompt`. Both branches run as one batched forward of 2B rows (prompts,
+then null prompts), each with its own KV cache rows, and each token is drawn
+from the guided logits
+
+    l_gamma = gamma * l(.|y<t, c) + (1 - gamma) * l(.|y<t, null)
+
+(`guided_logits`); the chosen token is fed to both branches. gamma = 1 is plain
+sampling (token for token: 1 * l_c + 0 * l_u == l_c). The default null prompt
+(0,) is the decoder's start token of the t5x layout our LMs are trained in
+(inputs = targets shifted right with 0 first: segment id 1, position 0), so
+l(.|y<t, null) is the model's own distribution at a document start, the
+unconditional branch a plain LM already learned; a prefix-LM trained on
+(prompt, response) pairs needs condition dropout for it instead. With guidance,
+model_logprobs are those of softmax(l_gamma) (the guided model). guidance=None
+(the default) runs the plain program unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +62,8 @@ class SamplingConfig:
   greedy: bool = False
   eos_id: int | None = 1
   pad_id: int = 0
+  guidance: float | None = None           # CFG gamma; None: no unconditional branch
+  null_prompt: tuple[int, ...] = (0,)     # the dropped condition (see module docstring)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -53,6 +74,36 @@ class SamplingConfig:
       raise ValueError(f"top_k must be >= 1, got {self.top_k}")
     if self.top_p is not None and not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.guidance is not None and not np.isfinite(self.guidance):
+      raise ValueError(f"guidance (CFG gamma) must be a finite number or None, got "
+                       f"{self.guidance}.")
+    if self.guidance is not None and not self.null_prompt:
+      raise ValueError("guidance needs a non-empty null_prompt (the token ids that stand "
+                       "for the dropped condition), e.g. null_prompt=(0,).")
+
+
+def guided_logits(cond: jax.Array, uncond: jax.Array, gamma: float) -> jax.Array:
+  """Classifier-free guidance (Cideron et al. 2024, arXiv 2410.06084, Sec. 2):
+
+      l_gamma = gamma * l(.|y<t, c) + (1 - gamma) * l(.|y<t, null)
+
+  in float32; gamma = 1 returns cond exactly (for finite uncond)."""
+  cond, uncond = cond.astype(jnp.float32), uncond.astype(jnp.float32)
+  return gamma * cond + (1.0 - gamma) * uncond
+
+
+def null_prompts(null_prompt: Sequence[int], batch: int, prompt_len: int,
+                 pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """The unconditional branch's prompts: `null_prompt` left-padded to prompt_len,
+  [batch, prompt_len], and their lengths [batch]."""
+  n = len(null_prompt)
+  if not 0 < n <= prompt_len:
+    raise ValueError(f"null_prompt has {n} tokens; it needs 1 to prompt length "
+                     f"{prompt_len}. Shorten null_prompt or lengthen the prompts.")
+  row = jnp.concatenate([jnp.full((prompt_len - n,), pad_id, jnp.int32),
+                         jnp.asarray(null_prompt, jnp.int32)])
+  return (jnp.broadcast_to(row, (batch, prompt_len)),
+          jnp.full((batch,), n, jnp.int32))
 
 
 @flax.struct.dataclass
@@ -109,14 +160,27 @@ def _pick(logits, rng, config: SamplingConfig):
 
 def generate(model: Transformer, params, prompts: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array, config: SamplingConfig) -> SampleOutput:
-  """Samples max_new_tokens after left-padded prompts [batch, P]; jit-able."""
+  """Samples max_new_tokens after left-padded prompts [batch, P]; jit-able.
+
+  With config.guidance, the model runs on 2 * batch rows (prompts, then null
+  prompts) and tokens come from the guided logits (module docstring)."""
   batch, prompt_len = prompts.shape
+  guided = config.guidance is not None
+  if guided:
+    nulls, null_lengths = null_prompts(config.null_prompt, batch, prompt_len, config.pad_id)
+    prompts = jnp.concatenate([prompts, nulls], axis=0)
+    prompt_lengths = jnp.concatenate([prompt_lengths, null_lengths], axis=0)
+    combine = lambda l: guided_logits(l[:batch], l[batch:], config.guidance)
+    both = lambda t: jnp.concatenate([t, t], axis=0)
+  else:
+    combine = both = lambda x: x
+  rows = prompts.shape[0]
   total = prompt_len + config.max_new_tokens
   slots = jnp.arange(total, dtype=jnp.int32)
   pad = (prompt_len - prompt_lengths)[:, None]                # [B, 1]
   cache_segments = (slots[None, :] >= pad).astype(jnp.int32)  # 0 on left padding
   positions = jnp.maximum(slots[None, :] - pad, 0)            # [B, total]
-  cache = init_cache(model.config, batch, total)
+  cache = init_cache(model.config, rows, total)
 
   logits, cache = model.apply(
       {"params": params}, prompts, positions=positions[:, :prompt_len],
@@ -134,7 +198,8 @@ def generate(model: Transformer, params, prompts: jax.Array, prompt_lengths: jax
 
   def body(s):
     i = s["step"]
-    token, sample_lp, model_lp = _pick(s["logits"], jax.random.fold_in(rng, i), config)
+    token, sample_lp, model_lp = _pick(combine(s["logits"]), jax.random.fold_in(rng, i),
+                                       config)
     live = ~s["done"]
     token = jnp.where(live, token, config.pad_id)
     s = dict(s,
@@ -146,14 +211,15 @@ def generate(model: Transformer, params, prompts: jax.Array, prompt_lengths: jax
       s["done"] = s["done"] | (live & (token == config.eos_id))
     slot = prompt_len + i
     logits, cache = model.apply(
-        {"params": params}, token[:, None],
+        {"params": params}, both(token)[:, None],
         positions=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
-        segment_ids=jnp.ones((batch, 1), jnp.int32), cache=s["cache"],
+        segment_ids=jnp.ones((rows, 1), jnp.int32), cache=s["cache"],
         cache_info=CacheInfo(slot, cache_segments))
     return dict(s, step=i + 1, cache=cache, logits=logits[:, 0])
 
   s = jax.lax.while_loop(cond, body, init)
   generated = jnp.arange(n)[None, :] < s["num"][:, None]
+  pad, positions, prompts = pad[:batch], positions[:batch], prompts[:batch]
   prompt_mask = (slots[None, :prompt_len] >= pad)
   zeros = jnp.zeros((batch, prompt_len))
   return SampleOutput(

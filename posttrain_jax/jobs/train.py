@@ -30,6 +30,7 @@ from posttrain_jax.core.profiling import StepProfiler
 from posttrain_jax.core.progress import ProgressReporter
 from posttrain_jax.core.step_loop import StepLoop
 from posttrain_jax.core.trainer import Trainer, TrainState
+from posttrain_jax.data.condition_dropout import drop_conditions
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.diloco import loop as diloco_loop
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
@@ -119,7 +120,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
           nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
           profile_steps: tuple[int, int] | None = None,
           diloco: DiLoCoConfig | None = None,
-          loss_chunk_size: int | None = None) -> TrainResult:
+          loss_chunk_size: int | None = None,
+          condition_dropout: float = 0.0) -> TrainResult:
   """Trains a decoder LM for `num_steps` optimizer steps.
 
   Args:
@@ -153,6 +155,10 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
     loss_chunk_size: form the logits this many positions at a time in the loss
       (losses.chunked_cross_entropy_sums: same loss and gradients, no
       [batch, length, vocab] float32 logits); None computes them at once.
+    condition_dropout: drop each prefix-LM row's prompt with this probability
+      (data.condition_dropout; unpacked rows), so the model also learns the
+      unconditional branch of classifier-free guidance; rows drawn from
+      (seed, step).
 
   SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
   with TrainResult.preempted set; the next start resumes from it.
@@ -223,6 +229,9 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   try:
     for step in loop:
       local = next(data)
+      if condition_dropout:
+        local = drop_conditions(local, condition_dropout,
+                                np.random.default_rng([seed, step]))
       check_token_ids(local, model_config.vocab_size)
       profiler.before_step(step)
       state, metrics = trainer.train_step(state, trainer.shard_batch(local))
