@@ -58,7 +58,7 @@ def main():
   ap.add_argument("root")
   ap.add_argument("--out", required=True)
   ap.add_argument("--dp_loss", default="", help="S=LOSS,... for seeds without a dp run")
-  ap.add_argument("--extra", action="append", default=[], help="LABEL:H:GAP%,GAP%,...")
+  ap.add_argument("--extra", action="append", default=[], help="LABEL:H:GAP,GAP,... (gaps in %%)")
   args = ap.parse_args()
   dp = {int(k): float(v) for k, v in (x.split("=") for x in args.dp_loss.split(",") if x)}
   runs = collections.defaultdict(dict)

@@ -10,6 +10,7 @@
 #   front     seed 0 at H = 45 and H = 60 (the bytes-vs-gap front)
 #   dp        data_parallel_1800.gin, seeds $SEEDS (skip when the runs exist)
 #   report    tools/plot_streaming_diloco_front.py -> docs/experiments/streaming_diloco_front.png
+#             (dp losses: runs under $ROOT, else $DP_LOSS)
 # One run at a time (nice -n 5); finished runs are skipped (eval json present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ PY=${PYTHON:-python}
 SEEDS=${SEEDS:-"0 1 2"}
 ROOT=runs/streaming_diloco
 STAGES=${*:-headline front dp report}
+# Data-parallel eval losses of the issue-6 table (same gin, seeds and batches),
+# used for seeds whose dp run is not under $ROOT; a dp_seed<S> run overrides.
+DP_LOSS=${DP_LOSS:-0=3.3626,1=3.3629,2=3.3968}
 
 run() {  # run GIN NAME SEED [EXTRA...]
   local gin=$1 name=$2 seed=$3; shift 3
@@ -39,7 +43,8 @@ for stage in $STAGES; do
       run streaming_fp4_h30_b128_1800 h60_b128 0 --gin.DiLoCoConfig.sync_every=60 ;;
     dp) for s in $SEEDS; do run data_parallel_1800 dp $s; done ;;
     report) $PY tools/plot_streaming_diloco_front.py $ROOT \
-              --out docs/experiments/streaming_diloco_front.png ;;
+              --out docs/experiments/streaming_diloco_front.png --dp_loss "$DP_LOSS" \
+              --extra "FP4 b128 H=15 (issue 6):15:0.48,0.40,0.31" ;;
     *) echo "unknown stage $stage"; exit 1 ;;
   esac
 done
