@@ -11,7 +11,7 @@ from posttrain_jax.core import partitioning
 from posttrain_jax.inference.sampling import (
     Sampler, SamplingConfig, generate, guided_logits, null_prompts)
 from posttrain_jax.models import Transformer
-from tests.inference.test_sampling import CFG, PROMPTS, params_for
+from test_sampling import CFG, PROMPTS, params_for
 
 MESH = partitioning.create_mesh({"data": 1}, devices=jax.devices()[:1])
 NULL = (1,)

@@ -7,7 +7,7 @@ from posttrain_jax import main as main_lib
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.jobs.cfg_distill import cfg_distill
 from posttrain_jax.models import params_checkpoint
-from tests.policy_runs import CFG, FixedPrompts, save_random_model
+from policy_runs import CFG, FixedPrompts, save_random_model
 
 OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0, decay_steps=4)
 

@@ -12,7 +12,7 @@ from posttrain_jax.distillation import cfg as cfg_lib
 from posttrain_jax.merging.interpolation import average
 from posttrain_jax.rl import diversity as dv
 from posttrain_jax.rl import quality_diversity as qd
-from tests.distillation.test_cfg_distillation import CFG, MODEL, batch, params
+from cfg_models import CFG, MODEL, batch, params  # pylint: disable=g-bad-import-order
 
 G = 2  # batch(): two prompts, one sample each -> one group of 2 here
 
