@@ -11,7 +11,11 @@ import setuptools
 # - safetensors (+ ml_dtypes for bfloat16): Hugging Face checkpoint import/export;
 # - matplotlib: the experiments' PNG plots (tools/plot_*.py);
 # - test extra: torch (CPU wheel) and transformers build the reference Gemma 2
-#   models; trl / mergekit stay out (they pull protobuf 7, xmanager pins < 7).
+#   models; trl / mergekit stay out (they pull protobuf 7, xmanager pins < 7);
+# - elastic extra (also in test): torchft's Lighthouse, the quorum service of
+#   elastic DiLoCo (posttrain_jax/diloco/elastic; 2.5 MB wheel + OpenTelemetry,
+#   about 3 s to install on top of torch; runs on CPU-only torch).
+ELASTIC_REQUIRES = ["torchft==0.2.0"]
 INSTALL_REQUIRES = [
     "jax>=0.10.2",
     "flax>=0.12.8",
@@ -33,7 +37,8 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8.0",
     "matplotlib>=3.10",
 ]
-TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3.8", "torch==2.13.0", "transformers>=5.24.0"]
+TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3.8", "torch==2.13.0", "transformers>=5.24.0",
+                 *ELASTIC_REQUIRES]
 
 setuptools.setup(
     name="posttrain_jax",
@@ -43,5 +48,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["posttrain_jax", "posttrain_jax.*"]),
     package_data={"posttrain_jax.data": ["corpus/*.txt", "vocab/*.model"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "elastic": ELASTIC_REQUIRES},
 )

@@ -248,6 +248,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                       help="seconds between SIGTERM and SIGKILL when stopping")
   parser.add_argument("--platforms", default="cpu",
                       help="JAX_PLATFORMS of each process ('' keeps the caller's)")
+  parser.add_argument("--elastic_slices", type=int, default=0,
+                      help="elastic DiLoCo: start torchft's Lighthouse and this many "
+                           "slices (launch/elastic_local.py); the slices' arguments "
+                           "follow `--`")
+  parser.add_argument("--elastic_restarts", type=int, default=0,
+                      help="times a failed slice is started again (it heals)")
+  parser.add_argument("--elastic_min_replicas", type=int, default=1)
+  parser.add_argument("--elastic_join_timeout", type=float, default=5.0)
+  parser.add_argument("--elastic_heartbeat_timeout", type=float, default=1.0)
   opts = parser.parse_args(own)
   if opts.num_processes < 1:
     raise LaunchError("--num_processes must be >= 1.")
@@ -266,6 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"launch/local.py: error: {e}", file=sys.stderr)
     return 2
   port = opts.port or free_port()
+  if opts.elastic_slices:
+    from elastic_local import run_elastic  # pylint: disable=g-import-not-at-top
+    env = process_env(os.environ, 0, 1, port, opts.devices_per_process, opts.platforms)
+    print(f"[launch] elastic DiLoCo: Lighthouse on 127.0.0.1:{port} + "
+          f"{opts.elastic_slices} slice(s)", file=sys.stderr, flush=True)
+    slice_args = [] if command[:3] == default_command([]) else command  # after `--`
+    return run_elastic(opts.elastic_slices, slice_args, env, port,
+                       restarts=opts.elastic_restarts,
+                       min_replicas=opts.elastic_min_replicas,
+                       join_timeout=opts.elastic_join_timeout,
+                       heartbeat_timeout=opts.elastic_heartbeat_timeout,
+                       timeout=opts.timeout)
   n = opts.num_processes
   envs = [process_env(os.environ, i, n, port, opts.devices_per_process,
                       opts.platforms) for i in range(n)]

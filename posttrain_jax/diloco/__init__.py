@@ -8,6 +8,7 @@
   trainer           DiLoCoTrainer: inner steps of all replicas + exchanges, partitioned
   loop              DiLoCoLoop: the Trainer interface the jobs use; distillation wrapper
   policy            KL-regularised REINFORCE under Streaming DiLoCo (the RL wrapper)
+  elastic/          elastic Streaming DiLoCo: one JAX job per slice, torchft quorums, healing
 
 diloco may import core, models, distillation and rl; nothing below imports it.
 """
