@@ -33,6 +33,8 @@ from posttrain_jax import cli
 from posttrain_jax.core import partitioning
 from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import params_checkpoint
+from posttrain_jax.rl import clp as clp_lib
+from posttrain_jax.rl import clp_training
 
 SHIPPED_VOCAB = os.path.join(_REPO, "posttrain_jax", "data", "vocab", "pydoc_sp2k.model")
 
@@ -55,6 +57,8 @@ def parse_args(argv):
   p.add_argument("--eos_id", type=int, default=1)
   p.add_argument("--vocab", default=None, help="SentencePiece model for text")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--weights", default=None,
+                 help="CLP reward weighting w, e.g. 0.3,0.7 (a train_clp run directory)")
   p.add_argument("--ici", default="data=-1", help="mesh degrees, e.g. data=2,tensor=4")
   return p.parse_args(argv)
 
@@ -98,6 +102,39 @@ def read_prompts(path: str, vocab) -> list[list[int]]:
   return prompts
 
 
+def conditioned_sampler(args, cfg, mesh, sampler, abstract, prompts):
+  """(generate(prompts, rng, prompt_length), prompts, w or None): the plain model, or a
+  CLP run steered by --weights (module docstring)."""
+  if args.weights is None:
+    params = params_checkpoint.restore_params(args.checkpoint_dir, abstract, cfg,
+                                              step=args.step)
+    return (lambda p, key, n: sampler(params, p, key, prompt_length=n)), prompts, None
+  try:
+    _, clp_cfg, vocab_path = clp_training.read_clp_json(args.checkpoint_dir)
+  except FileNotFoundError as e:
+    raise cli.ConfigError(f"--weights needs a CLP run directory (train_clp): {e}") from e
+  w = clp_lib.parse_weights(args.weights, clp_cfg.num_rewards)
+  if clp_cfg.prompt_conditioning:
+    w = clp_lib.round_to_simplex(w, clp_cfg.weight_decimals)
+  policy = clp_lib.ConditionedPolicy(cfg, clp_cfg)
+  plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  clp_abstract, shardings = clp_training.clp_shardings(policy, plain, sampler.param_shardings)
+  clp_abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              clp_abstract, shardings)
+  params = params_checkpoint.restore_params(args.checkpoint_dir, clp_abstract, cfg,
+                                            step=args.step)
+  encode = (clp_training.sentencepiece_encoder(vocab_path) if clp_cfg.prompt_conditioning
+            else None)
+  prompts, _ = clp_training.conditioned_prompts(prompts, [w] * len(prompts), clp_cfg, encode)
+  if clp_cfg.mixing == "logit":
+    steered = clp_training.CLPSampler(policy, sampler.config, mesh, shardings)
+    return (lambda p, key, n: steered(params, np.repeat(w[None], len(p), 0), p, key,
+                                      prompt_length=n)), prompts, w
+  mixed = jax.jit(lambda t: clp_lib.mix(t, w, clp_cfg),
+                  out_shardings=sampler.param_shardings)(params)
+  return (lambda p, key, n: sampler(mixed, p, key, prompt_length=n)), prompts, w
+
+
 def main(argv) -> int:
   args = parse_args(argv)
   try:
@@ -117,22 +154,23 @@ def main(argv) -> int:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         params_checkpoint.abstract_params(cfg), sampler.param_shardings)
-    params = params_checkpoint.restore_params(args.checkpoint_dir, abstract, cfg,
-                                              step=args.step)
+    generate, prompts, weights = conditioned_sampler(args, cfg, mesh, sampler, abstract,
+                                                     prompts)
     prompt_length = max(len(p) for p in prompts)
     rng = jax.random.key(args.seed)
     rows = []
     for start in range(0, len(prompts), args.batch_size):
       chunk = prompts[start:start + args.batch_size]
       padded = chunk + [chunk[0]] * (args.batch_size - len(chunk))  # one compiled shape
-      out = jax.device_get(sampler(params, padded, jax.random.fold_in(rng, start),
-                                   prompt_length=prompt_length))
+      out = jax.device_get(generate(padded, jax.random.fold_in(rng, start), prompt_length))
       for i, prompt in enumerate(chunk):
         gen = np.asarray(out.generated_mask[i])
         tokens = np.asarray(out.tokens[i])[gen].tolist()
         row = {"index": start + i, "prompt_tokens": prompt, "tokens": tokens,
                "sampling_logprobs": np.asarray(out.sampling_logprobs[i])[gen].tolist(),
                "model_logprobs": np.asarray(out.model_logprobs[i])[gen].tolist()}
+        if weights is not None:
+          row["weights"] = weights.tolist()
         if vocab is not None:
           row["text"] = vocab.decode([t for t in tokens if t != args.eos_id])
         rows.append(row)

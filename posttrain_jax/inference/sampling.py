@@ -180,7 +180,9 @@ def generate(model: Transformer, params, prompts: jax.Array, prompt_lengths: jax
   pad = (prompt_len - prompt_lengths)[:, None]                # [B, 1]
   cache_segments = (slots[None, :] >= pad).astype(jnp.int32)  # 0 on left padding
   positions = jnp.maximum(slots[None, :] - pad, 0)            # [B, total]
-  cache = init_cache(model.config, rows, total)
+  # a model object may bring its own cache layout (rl/clp.ConditionedPolicy: one per copy)
+  cache = (model.init_cache(rows, total) if hasattr(model, "init_cache")
+           else init_cache(model.config, rows, total))
 
   logits, cache = model.apply(
       {"params": params}, prompts, positions=positions[:, :prompt_len],

@@ -12,6 +12,10 @@ Built-in:
           length returns); the reference for reward-hacking measurements.
   length  number of response tokens (EOS included): a trivially hackable
           reward, useful for tests and smoke runs.
+  brevity exp(-n / 16) for n response tokens (EOS included): rewards short
+          answers, so it conflicts with gold's length term and with any text
+          property that needs tokens (the second reward of the CLP experiment,
+          docs/experiments/clp.md).
 
 `register(name, fn)` adds a user function; `get(name)` looks one up.
 """
@@ -34,9 +38,21 @@ def length_reward(tokens: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(mask.astype(jnp.float32), axis=-1)
 
 
+BREVITY_SCALE = 16.0
+
+
+def brevity_reward(tokens: jax.Array, mask: jax.Array, scale: float = BREVITY_SCALE
+                   ) -> jax.Array:
+  """r(y) = exp(-n / scale), n = sum_t m_t (EOS included): 1 for an empty response,
+  exp(-2) ~ 0.14 at n = 32 with the default scale 16."""
+  del tokens
+  return jnp.exp(-jnp.sum(mask.astype(jnp.float32), axis=-1) / scale)
+
+
 _REGISTRY: dict[str, RewardFn] = {
     "gold": jax.jit(gold_reward.gold_reward),
     "length": jax.jit(length_reward),
+    "brevity": jax.jit(brevity_reward),
 }
 
 
