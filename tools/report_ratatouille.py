@@ -6,12 +6,16 @@
 Pairwise accuracy (r(chosen) > r(rejected)) of every reward model and merge on
 ROOT/preferences_validation.jsonl (clean, the target distribution) and
 ROOT/preferences_ood.jsonl (shorter prompts sampled at temperature 1.5), with
-its binomial standard error; a markdown table on stdout and a bar plot.
+its binomial standard error; a markdown table on stdout and a bar plot. Also
+writes ROOT/accuracies.json (every row) and ROOT/best_merge.json, the reward model
+that the `policy` stage of tools/run_ratatouille.sh trains against, chosen by
+`pick_best` (a rule fixed before any policy was trained).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -24,7 +28,7 @@ import jax
 import numpy as np
 
 from posttrain_jax import cli
-from posttrain_jax.rl.reward_model import is_reward_model, load_reward_fn
+from posttrain_jax.rl.reward_model import is_reward_model, load_reward_fn, read_reward_info
 import score
 
 ROWS = [  # (label, directory under ROOT)
@@ -55,6 +59,23 @@ def accuracy(fn, path: str, batch_size: int) -> tuple[float, float, int]:
   return acc, float(np.sqrt(acc * (1 - acc) / len(correct))), len(correct)
 
 
+def pick_best(rows: list[dict]) -> dict:
+  """The merge the policy stage trains against (rule fixed before the RL runs).
+
+  Candidates: the rows under merge/ that average at least two reward models (a
+  greedy soup that kept a single model is not a merge). Best: the highest OOD
+  accuracy; ties -> the higher validation accuracy; remaining ties -> the first
+  in table order. Each row: {"label", "directory", "members", "validation",
+  "OOD"} with accuracies as (accuracy, standard error, pairs).
+  """
+  candidates = [r for r in rows if r["directory"].startswith("merge/") and r["members"] >= 2]
+  if not candidates:
+    raise cli.ConfigError("No merge of two or more reward models to pick from; run the "
+                          "merge stage of tools/run_ratatouille.sh first.")
+  # max() keeps the first of equal keys: table order breaks the remaining ties.
+  return max(candidates, key=lambda r: (r["OOD"][0], r["validation"][0]))
+
+
 def main(argv) -> int:
   p = argparse.ArgumentParser(prog="report_ratatouille.py")
   p.add_argument("--root", default="runs/ratatouille")
@@ -63,7 +84,7 @@ def main(argv) -> int:
   args = p.parse_args(argv)
   splits = {"validation": os.path.join(args.root, "preferences_validation.jsonl"),
             "OOD": os.path.join(args.root, "preferences_ood.jsonl")}
-  results = []
+  results, rows = [], []
   for label, rel in ROWS:
     d = os.path.join(args.root, rel)
     if not is_reward_model(d):
@@ -71,6 +92,8 @@ def main(argv) -> int:
       continue
     fn = load_reward_fn(d)
     results.append((label, {s: accuracy(fn, f, args.batch_size) for s, f in splits.items()}))
+    members = len(read_reward_info(d).get("merged_from", [d]))
+    rows.append({"label": label, "directory": rel, "members": members, **results[-1][1]})
   if not results:
     raise cli.ConfigError(f"No reward models under {args.root}; run tools/run_ratatouille.sh.")
   n = {s: results[0][1][s][2] for s in splits}
@@ -79,6 +102,15 @@ def main(argv) -> int:
   for label, r in results:
     print(f"| {label} | {r['validation'][0]:.3f} ± {r['validation'][1]:.3f} | "
           f"{r['OOD'][0]:.3f} ± {r['OOD'][1]:.3f} |")
+  with open(os.path.join(args.root, "accuracies.json"), "w") as f:
+    json.dump(rows, f, indent=2)
+  if any(r["directory"].startswith("merge/") for r in rows):
+    best = pick_best(rows)
+    best = {**best, "path": os.path.join(args.root, best["directory"])}
+    with open(os.path.join(args.root, "best_merge.json"), "w") as f:
+      json.dump(best, f, indent=2)
+    print(f"\nbest merge (highest OOD accuracy, ties -> validation): {best['label']} "
+          f"({best['path']}; OOD {best['OOD'][0]:.3f}, validation {best['validation'][0]:.3f})")
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

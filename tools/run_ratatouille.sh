@@ -5,7 +5,8 @@
 #
 #   bash tools/run_ratatouille.sh [STAGE ...]
 #
-# Stages (default: all, in order): data rm merge report.
+# Stages (default: all, in order): sft data rm merge report policy policy_report.
+#   sft     the SFT policy = the LM quickstart (runs/lm_quickstart; kept if it exists)
 #   data    preference pairs from the SFT policy (runs/lm_quickstart), gold-labelled:
 #           target train (1024 prompts, 25% flipped), clean validation (100),
 #           out-of-distribution (100 validation-split prompts of 8 tokens sampled at
@@ -19,13 +20,26 @@
 #           greedy soup; every method of tools/merge.py over the four target
 #           fine-tunes with init = probe
 #   report  tools/report_ratatouille.py: accuracies on validation and OOD pairs ->
-#           table on stdout, docs/experiments/ratatouille.png
+#           table on stdout, docs/experiments/ratatouille.png; picks the best merge
+#           (highest OOD accuracy among merges of >= 2 RMs, ties -> validation
+#           accuracy, then table order) -> runs/ratatouille/best_merge.json
+#   policy  two REINFORCE runs from the SFT policy (gin/experiments/ratatouille/policy.gin,
+#           200 steps), identical but for the reward: policy_single (warm_0) and
+#           policy_best (the best merge); training resumes from checkpoints
+#   policy_report  tools/plot_ratatouille_policy.py: gold/proxy/KL over steps ->
+#           docs/experiments/ratatouille_policy.png + tables on stdout
 # Finished stages are skipped; outputs under runs/ratatouille.
+# POLICY_ROOT (default runs/ratatouille/policy) holds the two policy runs and
+# POLICY_ARGS adds gin flags to both, e.g. a smoke test:
+#   POLICY_ROOT=/tmp/rat_policy POLICY_ARGS="--gin.NUM_STEPS=2" \
+#     bash tools/run_ratatouille.sh policy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=runs/ratatouille
 SFT=runs/lm_quickstart
 PY=${PYTHON:-python}
+POLICY_ROOT=${POLICY_ROOT:-$ROOT/policy}
+POLICY_ARGS=${POLICY_ARGS:-}
 mkdir -p "$ROOT/rm" "$ROOT/merge"
 
 label() {  # label NAME SPLIT PROMPTS NOISE SEED TEMPERATURE PROMPT_LENGTH
@@ -54,9 +68,20 @@ merge() {  # merge NAME METHOD ARGS...
   $PY tools/merge.py "$1" --output "$out" "${@:2}"
 }
 
+policy_run() {  # policy_run NAME REWARD_DIR
+  echo "== policy $1 (reward $2)"
+  # shellcheck disable=SC2086  # POLICY_ARGS is a list of flags
+  $PY -m posttrain_jax.main --gin_file=gin/experiments/ratatouille/policy.gin \
+    --gin.RUN_DIR="'$POLICY_ROOT/$1'" --gin.REWARD="'$2'" $POLICY_ARGS
+}
+
 stage() {
   local R="$ROOT/rm"
   case "$1" in
+    sft)
+      if [ -d "$SFT/checkpoints" ]; then echo "== $SFT exists; reused"; return; fi
+      echo "== sft"
+      $PY -m posttrain_jax.main --gin_file=gin/experiments/lm_quickstart.gin ;;
     data)
       label target train 1024 0.25 0 1.0 16
       label validation validation 100 0.0 1 1.0 16
@@ -93,10 +118,22 @@ stage() {
       merge all_greedy greedy_soup --pairs "$ROOT/preferences_validation.jsonl" "${four[@]}" ;;
     report)
       $PY tools/report_ratatouille.py --root "$ROOT" --out docs/experiments/ratatouille.png ;;
+    policy)
+      if [ ! -f "$ROOT/best_merge.json" ]; then
+        echo "no $ROOT/best_merge.json: run the report stage first" >&2; exit 2
+      fi
+      local best
+      best=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["path"])' \
+        "$ROOT/best_merge.json")
+      policy_run policy_single "$R/warm_0/reward_model"
+      policy_run policy_best "$best" ;;
+    policy_report)
+      $PY tools/plot_ratatouille_policy.py --root "$POLICY_ROOT" \
+        --best "$ROOT/best_merge.json" --out docs/experiments/ratatouille_policy.png ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }
 
 STAGES=("$@")
-if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(data rm merge report); fi
+if [ ${#STAGES[@]} -eq 0 ]; then STAGES=(sft data rm merge report policy policy_report); fi
 for s in "${STAGES[@]}"; do stage "$s"; done
