@@ -41,6 +41,9 @@ JOBS = {
     "distillation_demo": "posttrain_jax.jobs.distillation_demo:distillation_demo",
     "cfg_distill": "posttrain_jax.jobs.cfg_distill:cfg_distill",
     "warp": "posttrain_jax.jobs.warp:warp",
+    "train_clp": "posttrain_jax.jobs.train_clp:train_clp",
+    "elastic_diloco": "posttrain_jax.jobs.elastic_diloco:elastic_diloco",
+    "elastic_lighthouse": "posttrain_jax.jobs.elastic_diloco:elastic_lighthouse",
 }
 
 
@@ -62,6 +65,7 @@ def register_configurables():
   cli.register(DatasetConfig)
   cli.register(OptimizerConfig)
   cli.register(DiLoCoConfig)
+  cli.register(_job_function("posttrain_jax.diloco.elastic.membership:LighthouseConfig"))
   cli.register(job)
   cli.register(importlib.import_module("posttrain_jax.data.generated").register_generated_task,
                name="generated_task")
@@ -70,6 +74,7 @@ def register_configurables():
   cli.register(PromptConfig)
   for algorithm in ("reinforce:Reinforce", "rloo:RLOO", "grpo:GRPO", "bond:BOND", "bond:JBOND"):
     cli.register(_job_function("posttrain_jax.rl." + algorithm))
+  cli.register(_job_function("posttrain_jax.rl.clp:CLPConfig"))
   for name, spec in JOBS.items():
     cli.register(_job_function(spec), name=name)
   register_configurables.done = True
