@@ -59,6 +59,10 @@ def parse(argv=None) -> argparse.Namespace:
   a("--heartbeat_every", type=float, default=0.1)
   a("--step_sleep", type=float, default=0.0,
     help="seconds of sleep per inner step (a longer inner phase, for failure drills)")
+  a("--hold_step", type=int, default=-1,
+    help="after this inner step, wait until --hold_file exists (failure drills: "
+         "the survivors wait for a restarted slice's start-up, heartbeating)")
+  a("--hold_file", default=None)
   a("--checkpoint_dir", default=None, help="orbax checkpoints (elastic/checkpoint.py)")
   a("--checkpoint_every", type=int, default=8)
   a("--fault", choices=("none", "hang", "die", "partial"), default="none",
@@ -115,8 +119,12 @@ def main(argv=None) -> int:
         peer.serve_once(t)
       time.sleep(0.5)  # the peers are now pulling (or waiting for) the codes
       os.kill(os.getpid(), signal.SIGKILL)
-    while True:
-      time.sleep(1.0)
+    pulls = 0
+    while True:  # hang: log each payload the peers pull, until killed
+      if peer.pulls[t] != pulls:
+        pulls = peer.pulls[t]
+        emit(event="pulled", step=t, pulls=pulls)
+      time.sleep(0.05)
 
   checkpoints = (ec.ElasticCheckpoints(args.checkpoint_dir, args.slice,
                                        args.checkpoint_every)
@@ -146,6 +154,9 @@ def main(argv=None) -> int:
            outer=digest(state.outer_params), **extra)
     if args.step_sleep:
       time.sleep(args.step_sleep)
+    if step == args.hold_step and args.hold_file:
+      while not os.path.exists(args.hold_file):
+        time.sleep(0.05)
 
   batch_fn = lambda t: toy.batch(args.seed, args.slice, t, args.rows, args.width,
                                  layers=args.layers)

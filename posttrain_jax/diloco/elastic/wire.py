@@ -83,6 +83,7 @@ class PeerServer:
     self._keep = keep
     self._snapshot: tuple[int, bytes] | None = None
     self._once: set[bytes] = set()
+    self.pulls: collections.Counter[int] = collections.Counter()  # payloads served per step
     self._cond = threading.Condition()
     handlers = {
         "Payload": grpc.unary_unary_rpc_method_handler(self._serve_payload),
@@ -137,6 +138,7 @@ class PeerServer:
         del self._payloads[request]
       if data is not None:
         self.bytes.exchange_sent += len(data)
+        self.pulls[int(request.split(b":")[0])] += 1
     if data is None:
       context.abort(grpc.StatusCode.NOT_FOUND, f"payload {request!r} withdrawn")
     return data

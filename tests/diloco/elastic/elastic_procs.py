@@ -42,14 +42,14 @@ class ElasticRun:
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.out_dir, "lighthouse.log"), "ab"),
         start_new_session=True)
 
-  def start(self, s: int) -> None:
+  def start(self, s: int, extra: tuple[str, ...] = ()) -> None:
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", RUST_LOG="warn")
     env.pop("XLA_FLAGS", None)
     err = open(os.path.join(self.out_dir, f"slice{s}.err"), "ab")
     self.procs[s] = subprocess.Popen(
         [sys.executable, "-m", "posttrain_jax.diloco.elastic.run_slice", f"--slice={s}",
          f"--num_slices={self.num_slices}", f"--lighthouse=http://127.0.0.1:{self.port}",
-         f"--out_dir={self.out_dir}"] + self.args,
+         f"--out_dir={self.out_dir}"] + self.args + list(extra),
         env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
   def records(self, s: int) -> list[dict]:
@@ -66,6 +66,17 @@ class ElasticRun:
         return
       time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+  def hold(self, step: int) -> tuple[str, ...]:
+    """Arguments that make a slice wait after inner step `step` until
+    `release` (so that it cannot finish before a restarted slice is up)."""
+    return (f"--hold_step={step}", f"--hold_file={os.path.join(self.out_dir, 'release')}")
+
+  def release_when_restarted(self, s: int, timeout: float) -> None:
+    """Releases the held slices once slice s's second process has started."""
+    self.wait_for(lambda: sum(x["event"] == "started" for x in self.records(s)) >= 2,
+                  timeout, f"the restarted slice {s} to start")
+    open(os.path.join(self.out_dir, "release"), "w").close()
 
   def kill(self, s: int) -> None:
     os.killpg(self.procs[s].pid, signal.SIGKILL)

@@ -37,16 +37,16 @@ def test_kill_during_exchange_completes_the_round(run):
   deadline; their θ̃ agree at every step."""
   steps = 48
   r = run(steps, ["--step_sleep=0.1", "--exchange_timeout=2"])
-  for s in range(2):
-    r.start(s)
-  r.args = r.args + ["--fault=hang", "--fault_step=10"]
-  r.start(2)
-  r.wait_for(lambda: any(x["event"] == "in_exchange" for x in r.records(2)), 90,
-             "slice 2 inside the exchange of step 10")
+  for s in range(2):  # they wait after step 20 for the restarted slice 2
+    r.start(s, r.hold(20))
+  r.start(2, ("--fault=hang", "--fault_step=10"))
+  # each survivor pulls its one fragment's codes of the round (the drill's
+  # configuration syncs one fragment a round)
+  r.wait_for(lambda: any(x["event"] == "pulled" and x["pulls"] >= 2 for x in r.records(2)),
+             90, "the survivors to pull slice 2's codes of step 10")
   r.kill(2)
-  r.args = [a for a in r.args if not a.startswith("--fault")] + [
-      "--fault=partial", "--fault_step=11"]
-  r.start(2)
+  r.start(2, ("--fault=partial", "--fault_step=11"))
+  r.release_when_restarted(2, 90)
   codes = r.wait(150)
   assert codes[0] == codes[1] == 0 and codes[2] != 0
   recs = [r.records(s) for s in range(3)]

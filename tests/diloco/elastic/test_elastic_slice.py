@@ -75,13 +75,15 @@ def test_no_failure_equals_spmd_diloco(run):
 def test_kill_mid_inner_phase_then_restart_heals(run):
   steps = 48
   r = run(steps, ["--step_sleep=0.1"], join_timeout=10.0)
-  for s in range(3):
-    r.start(s)
+  for s in range(2):  # they wait after step 20 for the restarted slice 2
+    r.start(s, r.hold(20))
+  r.start(2)
   r.wait_for(lambda: any(x["event"] == "step" and x["step"] >= 7 for x in r.records(2)),
              90, "slice 2 to reach step 7")
   r.kill(2)
   killed_at = max(x["step"] for x in r.records(2) if x["event"] == "step")
   r.start(2)  # the same command: it heals from a live peer
+  r.release_when_restarted(2, 90)
   assert r.wait(150) == {0: 0, 1: 0, 2: 0}
   recs = [r.records(s) for s in range(3)]
   # the survivors kept syncing without slice 2, each wait bounded by the timeout
