@@ -1,7 +1,14 @@
 """Elastic Streaming DiLoCo on one machine: torchft's Lighthouse plus N slices.
 
+  python launch/local.py --elastic_slices=2 --elastic_restarts=2 \\
+      --gin_file=gin/experiments/elastic_diloco/lm.gin      # the LM (binary)
   python launch/local.py --elastic_slices=3 --elastic_restarts=2 \\
-      -- --out_dir=runs/elastic --steps=200
+      -- --out_dir=runs/elastic --steps=200                 # the toy task
+
+With training-binary arguments (--gin_file, --gin.NAME=VALUE) each slice runs
+the binary's `elastic_diloco` job with its slice_index, num_slices (also
+DiLoCoConfig.num_replicas) and the Lighthouse's address bound; with arguments
+after `--`, the toy task's slices (posttrain_jax.diloco.elastic.run_slice).
 
 Starts the quorum service (`torchft_lighthouse`, on a free port) and N slice
 processes `python -m posttrain_jax.diloco.elastic.run_slice --slice=i
@@ -26,6 +33,7 @@ import time
 from collections.abc import Sequence
 
 SLICE_MODULE = "posttrain_jax.diloco.elastic.run_slice"
+BINARY_MODULE = "posttrain_jax.main"
 
 
 def lighthouse_command(port: int, min_replicas: int, join_timeout: float,
@@ -39,8 +47,19 @@ def lighthouse_command(port: int, min_replicas: int, join_timeout: float,
 
 
 def slice_command(i: int, n: int, port: int, args: Sequence[str]) -> list[str]:
+  """The toy task's slice (posttrain_jax.diloco.elastic.run_slice) with args."""
   return [sys.executable, "-m", SLICE_MODULE, f"--slice={i}", f"--num_slices={n}",
           f"--lighthouse=http://127.0.0.1:{port}", *args]
+
+
+def binary_slice_command(i: int, n: int, port: int, binary_args: Sequence[str]) -> list[str]:
+  """The binary's `elastic_diloco` job (the LM) as slice i of n: the gin of
+  binary_args plus this slice's index, the slice count (= the DiLoCo replicas)
+  and the Lighthouse's address."""
+  return [sys.executable, "-m", BINARY_MODULE, *binary_args,
+          "--gin.job.name='elastic_diloco'", f"--gin.elastic_diloco.slice_index={i}",
+          f"--gin.elastic_diloco.num_slices={n}", f"--gin.DiLoCoConfig.num_replicas={n}",
+          f"--gin.elastic_diloco.lighthouse='http://127.0.0.1:{port}'"]
 
 
 def _start(command, env, name, out, lock):
@@ -67,11 +86,12 @@ def _kill(popen) -> None:
 
 
 def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port: int,
-                *, restarts: int = 0, min_replicas: int = 1, join_timeout: float = 5.0,
+                *, binary: bool = False, restarts: int = 0, min_replicas: int = 1, join_timeout: float = 5.0,
                 heartbeat_timeout: float = 1.0, timeout: float | None = None,
                 out=None) -> int:
   out = out or sys.stdout
   lock = threading.Lock()
+  command = binary_slice_command if binary else slice_command
   lighthouse = _start(lighthouse_command(port, min_replicas, join_timeout,
                                          heartbeat_timeout), env, "lighthouse", out, lock)
   procs, left, done = {}, {i: restarts for i in range(num_slices)}, {}
@@ -79,7 +99,7 @@ def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port:
   status = 0
   try:
     for i in range(num_slices):
-      procs[i] = _start(slice_command(i, num_slices, port, args), env, f"s{i}", out, lock)
+      procs[i] = _start(command(i, num_slices, port, args), env, f"s{i}", out, lock)
     while len(done) < num_slices:
       for i, p in procs.items():
         code = p.poll()
@@ -94,8 +114,7 @@ def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port:
         with lock:
           out.write(f"[launch] s{i} exited with {code}; restarting it "
                     f"({left[i]} restart(s) left)\n")
-        procs[i] = _start(slice_command(i, num_slices, port, args), env, f"s{i}", out,
-                          lock)
+        procs[i] = _start(command(i, num_slices, port, args), env, f"s{i}", out, lock)
       if deadline is not None and time.monotonic() > deadline:
         status = 124
         break

@@ -250,8 +250,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                       help="JAX_PLATFORMS of each process ('' keeps the caller's)")
   parser.add_argument("--elastic_slices", type=int, default=0,
                       help="elastic DiLoCo: start torchft's Lighthouse and this many "
-                           "slices (launch/elastic_local.py); the slices' arguments "
-                           "follow `--`")
+                           "slices (launch/elastic_local.py): the binary's "
+                           "elastic_diloco job with the gin arguments given, or the "
+                           "toy task with the arguments after `--`")
   parser.add_argument("--elastic_restarts", type=int, default=0,
                       help="times a failed slice is started again (it heals)")
   parser.add_argument("--elastic_min_replicas", type=int, default=1)
@@ -280,8 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = process_env(os.environ, 0, 1, port, opts.devices_per_process, opts.platforms)
     print(f"[launch] elastic DiLoCo: Lighthouse on 127.0.0.1:{port} + "
           f"{opts.elastic_slices} slice(s)", file=sys.stderr, flush=True)
-    slice_args = [] if command[:3] == default_command([]) else command  # after `--`
-    return run_elastic(opts.elastic_slices, slice_args, env, port,
+    binary = command[:3] == default_command([])
+    slice_args = command[3:] if binary else command  # gin arguments, or after `--`
+    if binary and not slice_args:
+      print("launch/local.py: error: --elastic_slices needs the slices' gin (e.g. "
+            "--gin_file=gin/experiments/elastic_diloco/lm.gin) or the toy task's "
+            "arguments after `--`.", file=sys.stderr)
+      return 2
+    return run_elastic(opts.elastic_slices, slice_args, env, port, binary=binary,
                        restarts=opts.elastic_restarts,
                        min_replicas=opts.elastic_min_replicas,
                        join_timeout=opts.elastic_join_timeout,

@@ -59,6 +59,7 @@ from binary_args import (BINARY_MODULE, ENV_DISTRIBUTED, ENV_NUM_PROCESSES, REPO
                          gin_string,
                          split_binary_args)
 from tpu_slices import TpuSlice, parse_accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
+import xm_elastic  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_BASE_IMAGE = "python:3.11"
 CONTAINER_WORKDIR = "/workdir"
@@ -286,8 +287,11 @@ def make_plan(opts: argparse.Namespace, binary_args: list[str],
   if not any(a.startswith("--gin_file=") for a in binary_args):
     raise LaunchError("no --gin_file given; e.g. "
                       "--gin_file=gin/experiments/quickstart.gin.")
-  processes = tpu.hosts * opts.num_slices
-  if opts.num_slices > 1 and not any(
+  if opts.elastic:
+    xm_elastic.check(opts.num_slices, tpu.hosts, tpu.accelerator_type, opts.platform,
+                     binary_args)
+  processes = tpu.hosts * (1 if opts.elastic else opts.num_slices)
+  if opts.num_slices > 1 and not opts.elastic and not any(
       re.search(r"dcn_parallelism\s*=", b) for _, b in bindings_of(binary_args)):
     notes.append(f"{opts.num_slices} slices: make sure train.dcn_parallelism "
                  f"multiplies to {opts.num_slices} (e.g. --gin.train."
@@ -346,8 +350,12 @@ def make_plan(opts: argparse.Namespace, binary_args: list[str],
     make_executor = lambda: xm_local.Vertex(  # pylint: disable=g-long-lambda
         requirements=xm.JobRequirements({tpu.resource: tpu.cores},
                                         replicas=tpu.hosts))
-  job_group = build_job_group(executable, make_executor, opts.num_slices,
-                              binary_args, env)
+  if opts.elastic:
+    job_group = xm_elastic.build_job_group(xm, executable, make_executor, opts,
+                                           binary_args, env)
+  else:
+    job_group = build_job_group(executable, make_executor, opts.num_slices,
+                                binary_args, env)
   jobs = list(job_group.jobs.values())
 
   spec: dict[str, Any] = {
@@ -361,7 +369,12 @@ def make_plan(opts: argparse.Namespace, binary_args: list[str],
       "executable": _jsonable(executable),
       "job_group": {key: job_json(job) for key, job in job_group.jobs.items()},
   }
-  if opts.platform == "tpu_vm":
+  if opts.elastic:
+    spec["elastic"] = {"lighthouse": xm_elastic.lighthouse_address(opts),
+                       "slices": opts.num_slices}
+    spec["tpu_vm"] = xm_elastic.tpu_vm_commands(opts.name, job_group.jobs, tpu,
+                                                opts.container_name, tpu_vm_commands)
+  elif opts.platform == "tpu_vm":
     spec["tpu_vm"] = tpu_vm_commands(opts.name, jobs[0], opts.num_slices, tpu,
                                      opts.container_name)
   else:
@@ -428,6 +441,9 @@ def launch(plan: Plan) -> None:
       experiment.add(plan.job_group)
       return
     commands = plan.spec["tpu_vm"]
+    if opts.elastic:
+      xm_elastic.launch(commands, _run, _wait_active, opts.provision_timeout)
+      return
     _run(commands["create"])
     _wait_active(commands["wait_until_active"], opts.provision_timeout)
     _run(commands["run"])
@@ -473,6 +489,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   g.add_argument("--image_tag", default=None,
                  help="where the built image is pushed (default "
                       "gcr.io/PROJECT/posttrain_jax:NAME)")
+  e = p.add_argument_group("elastic DiLoCo (launch/xm_elastic.py)")
+  e.add_argument("--elastic", action="store_true",
+                 help="one job per slice (elastic_diloco) + torchft's Lighthouse")
+  e.add_argument("--elastic_lighthouse", default=None,
+                 help="address of a Lighthouse you run (default: a lighthouse job "
+                      "on slice 0 worker 0)")
+  e.add_argument("--elastic_port", type=int, default=29510)
   p.add_argument("--env", action="append", default=[],
                  help="extra NAME=VALUE for the jobs' environment (repeatable)")
   p.add_argument("--dry_run", action="store_true",
