@@ -74,17 +74,20 @@ def summarize(c: dict, source: str, drop: float = 0.1) -> dict[str, float] | Non
           "last_step": int(gs[-1]), "drop_step": first_drop_step(gs, gv, drop)}
 
 
-def table(runs: dict, source: str, drop: float = 0.1) -> list[str]:
+def table(runs: dict, source: str, drop: float = 0.1,
+          names: dict[str, str] | None = None) -> list[str]:
+  """Markdown rows per run of `names` (in its order; default LABELS) in runs."""
+  names = names or LABELS
   lines = [f"| run ({source}) | gold: start (step) | peak (step) | final (step) "
            f"| drop after peak | first step {drop:g} below running max "
            "| proxy: start -> final | KL to SFT (final) |",
            "|---|---|---|---|---|---|---|---|"]
-  for name in RUNS:
+  for name in names:
     s = summarize(runs[name], source, drop) if name in runs else None
     if s is None:
       continue
     lines.append(
-        f"| {LABELS[name]} | {s['gold_start']:.3f} ({s['first_step']}) "
+        f"| {names[name]} | {s['gold_start']:.3f} ({s['first_step']}) "
         f"| {s['gold_peak']:.3f} ({s['gold_peak_step']}) "
         f"| {s['gold_final']:.3f} ({s['last_step']}) | {s['gold_drop']:.3f} "
         f"| {'none' if s['drop_step'] is None else s['drop_step']} "
@@ -92,21 +95,25 @@ def table(runs: dict, source: str, drop: float = 0.1) -> list[str]:
   return lines
 
 
-def plot(runs: dict, path: str) -> None:
+def plot(runs: dict, path: str, names: dict[str, str] | None = None,
+         title: str = "RL against one proxy reward model vs against WARM "
+                      "(CPU scale, one seed)") -> None:
+  """Proxy, gold and KL vs step, and gold vs KL, per run of `names` in runs."""
+  names = names or LABELS
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
   titles = {"reward": "proxy reward (each run's own RM)", "gold_reward": "gold reward",
             "kl_sft": "KL(pi || pi_sft), nats / sequence"}
-  for k, name in enumerate(n for n in RUNS if n in runs):
+  for k, name in enumerate(n for n in names if n in runs):
     c, color = runs[name], f"C{k}"
     for ax, metric in zip(axes[:3], METRICS):
       if metric in c:
-        ax.plot(*c[metric], color=color, alpha=0.7, label=f"{LABELS[name]} (train)")
+        ax.plot(*c[metric], color=color, alpha=0.7, label=f"{names[name]} (train)")
       if "eval/" + metric in c:
         ax.plot(*c["eval/" + metric], color=color, marker="o", linestyle="--",
-                label=f"{LABELS[name]} (eval)")
+                label=f"{names[name]} (eval)")
     for prefix, style in (("", dict(alpha=0.7)),
                           ("eval/", dict(marker="o", linestyle="--"))):
       if prefix + "kl_sft" in c and prefix + "gold_reward" in c:
@@ -115,7 +122,7 @@ def plot(runs: dict, path: str) -> None:
         common, ki, gi = np.intersect1d(ks, gs, return_indices=True)
         if len(common):
           axes[3].plot(kv[ki], gv[gi], color=color, **style,
-                       label=f"{LABELS[name]} ({'eval' if prefix else 'train'})")
+                       label=f"{names[name]} ({'eval' if prefix else 'train'})")
   for ax, metric in zip(axes[:3], METRICS):
     ax.set(title=titles[metric], xlabel="RL step")
   axes[3].set(title="gold reward vs KL to SFT", xlabel="KL(pi || pi_sft)",
@@ -123,10 +130,31 @@ def plot(runs: dict, path: str) -> None:
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.suptitle("RL against one proxy reward model vs against WARM (CPU scale, one seed)")
+  fig.suptitle(title)
   fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def load_runs(root: str, names) -> dict:
+  """{name: curves} of the runs under root that logged gold_reward."""
+  runs = {}
+  for name in names:
+    d = os.path.join(root, name)
+    if os.path.isdir(d):
+      c = curves(d)
+      if "gold_reward" in c or "eval/gold_reward" in c:
+        runs[name] = c
+  return runs
+
+
+def print_tables(runs: dict, drop: float, names: dict[str, str] | None = None) -> None:
+  for source in SOURCES:
+    lines = table(runs, source, drop, names)
+    if len(lines) > 2:
+      print()
+      print("\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -137,13 +165,7 @@ def main(argv=None) -> int:
   parser.add_argument("--drop", type=float, default=0.1,
                       help="gold drop below its running maximum that the table dates")
   args = parser.parse_args(argv)
-  runs = {}
-  for name in RUNS:
-    d = os.path.join(args.root, name)
-    if os.path.isdir(d):
-      c = curves(d)
-      if "gold_reward" in c or "eval/gold_reward" in c:
-        runs[name] = c
+  runs = load_runs(args.root, RUNS)
   if not runs:
     print(f"plot_warm: no RL runs with gold_reward scalars under {args.root} "
           f"(expected {' and '.join(RUNS)}; run bash tools/run_warm.sh)", file=sys.stderr)
@@ -152,11 +174,7 @@ def main(argv=None) -> int:
   path = os.path.join(args.out_dir, args.out_name)
   plot(runs, path)
   print(f"wrote {path}")
-  for source in SOURCES:
-    lines = table(runs, source, args.drop)
-    if len(lines) > 2:
-      print()
-      print("\n".join(lines))
+  print_tables(runs, args.drop)
   return 0
 
 

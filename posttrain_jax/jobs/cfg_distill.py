@@ -37,7 +37,7 @@ from posttrain_jax.distillation.cfg import cfg_batch
 from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import ModelConfig, params_checkpoint
 from posttrain_jax.rl import diversity as diversity_lib
-from posttrain_jax.rl.policy_training import prompt_iterator
+from posttrain_jax.rl.policy_training import prompt_iterator, repeated_prompts
 from posttrain_jax.rl.quality_diversity import QDTrainer
 
 SHOWN = (("kl", "kl", "{:.3f}"), ("diversity", "div", "{:.3f}"),
@@ -142,11 +142,9 @@ def cfg_distill(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: 
   try:
     for step in loop:
       batch = next(data)
-      rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
-      lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
-      prompt_list = [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())]
+      prompt_list, prompt_length = repeated_prompts(batch, samples_per_prompt)
       sample = sampler(state.params, prompt_list, jax.random.fold_in(base_rng, step),
-                       prompt_length=rows.shape[1])
+                       prompt_length=prompt_length)
       state, metrics = trainer.train_step(state, cfg_batch(sample, null_prompt),
                                           teacher_params)
       loop.end_step(step, state, metrics)

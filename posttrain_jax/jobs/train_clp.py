@@ -34,7 +34,8 @@ from posttrain_jax.rl import clp as clp_lib
 from posttrain_jax.rl import clp_training
 from posttrain_jax.rl.clp_training import read_clp_json, sentencepiece_encoder, write_clp_json  # pylint: disable=unused-import
 from posttrain_jax.rl.gold_reward import VOCAB_PATH
-from posttrain_jax.rl.policy_training import load_eval_prompts, prompt_iterator, resolve_reward
+from posttrain_jax.rl.policy_training import (load_eval_prompts, prompt_iterator,
+                                             repeated_prompts, resolve_reward)
 
 SHOWN = (("reward", "w.r", "{:.3f}"), ("reward_0", "r0", "{:.3f}"), ("reward_1", "r1", "{:.3f}"),
          ("kl_sft", "kl_sft", "{:.3f}"), ("response_length", "len", "{:.1f}"),
@@ -165,16 +166,14 @@ def train_clp(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: st
   try:
     for step in loop:
       batch = next(data)
-      rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
-      lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
-      prompt_list = [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())]
+      prompt_list, prompt_length = repeated_prompts(batch, samples_per_prompt)
       w = clp_lib.sample_weights(rng, len(batch["prompts"]), clp.num_rewards,
                                  clp.dirichlet_alpha)
       if clp.prompt_conditioning:
         w = clp_lib.round_to_simplex(w, clp.weight_decimals)
       w = np.repeat(w, samples_per_prompt, axis=0)  # one w per prompt, shared by its samples
       sample_batch = rollout(state.params, prompt_list, w, jax.random.fold_in(base_key, step),
-                             prompt_length=rows.shape[1])
+                             prompt_length=prompt_length)
       state, metrics = trainer.step(state, sft_params, sample_batch)
       loop.end_step(step, state, metrics)
       if step % log_every == 0 or step == num_steps:

@@ -36,8 +36,8 @@ from posttrain_jax.rl import mixed_rollout
 from posttrain_jax.rl import policy_optimization as po
 from posttrain_jax.rl import rewards as rewards_lib
 from posttrain_jax.rl.policy_training import (
-    PolicyState, PolicyTrainer, load_eval_prompts, prompt_iterator, resolve_reward,
-    sample_batch)
+    PolicyState, PolicyTrainer, load_eval_prompts, prompt_iterator, repeated_prompts,
+    resolve_reward, sample_batch)
 from posttrain_jax.rl.reinforce import Reinforce
 
 SHOWN = (("reward", "reward", "{:.3f}"), ("gold_reward", "gold", "{:.3f}"),
@@ -239,23 +239,21 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   try:
     for step in loop:
       batch = next(data)
-      rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
-      lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
-      prompt_list = [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())]
+      prompt_list, prompt_length = repeated_prompts(batch, samples_per_prompt)
       key = jax.random.fold_in(base_rng, step)
       if diloco is None:
         if sources is None:
-          sample = sampler(state.params, prompt_list, key, prompt_length=rows.shape[1])
+          sample = sampler(state.params, prompt_list, key, prompt_length=prompt_length)
         else:
           anchor_params = sft_params if state.anchor_params is None else state.anchor_params
           sample = mixed_rollout.sample(sampler, {"policy": state.params, "anchor": anchor_params},
-                                        prompt_list, key, rows.shape[1], sources)
+                                        prompt_list, key, prompt_length, sources)
         state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
         if anchor_reset_every and step % anchor_reset_every == 0:
           state = mixed_rollout.reset_anchor(state)
       else:  # block m sampled from replica m's params
         sample = diloco_policy.sample_replicas(sampler, state, prompt_list, key,
-                                               rows.shape[1], trainer.param_shardings)
+                                               prompt_length, trainer.param_shardings)
         state, metrics = step_trainer.train_step(
             state, diloco_policy.loop_batch(step_trainer, sample_batch(sample, score(sample))),
             sft_params)

@@ -44,6 +44,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from posttrain_jax.core import partitioning
@@ -195,6 +196,14 @@ def prompt_iterator(cfg: PromptConfig):
                         prompt_length=cfg.prompt_length, batch_size=cfg.batch_size,
                         shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=cfg.num_epochs,
                         shard_index=0, num_shards=1)
+
+
+def repeated_prompts(batch: dict, samples_per_prompt: int) -> tuple[list[list[int]], int]:
+  """(each prompt of a PromptIterator batch without its left padding, repeated
+  samples_per_prompt times in a row; the batch's padded prompt length)."""
+  rows = np.repeat(np.asarray(batch["prompts"]), samples_per_prompt, axis=0)
+  lengths = np.repeat(np.asarray(batch["prompt_lengths"]), samples_per_prompt)
+  return [r[len(r) - n:] for r, n in zip(rows.tolist(), lengths.tolist())], rows.shape[1]
 
 
 def load_eval_prompts(cfg: PromptConfig, num_prompts: int) -> list[list[int]]:

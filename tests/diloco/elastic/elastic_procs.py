@@ -17,6 +17,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 LIGHTHOUSE = os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")
+HEARTBEAT = 1.0  # the Lighthouse's heartbeat timeout of the tests (seconds)
+ARGS = ["--sync_every=4", "--num_fragments=2", "--overlap=1", "--rows=16",
+        "--width=16", "--layers=4", "--heartbeat_every=0.1"]
 
 
 def free_port() -> int:

@@ -6,25 +6,13 @@ import pytest
 
 from posttrain_jax.diloco.elastic import membership
 
-import elastic_procs as ep  # pylint: disable=g-bad-import-order
-from test_elastic_slice import ARGS, HEARTBEAT, by_step  # pylint: disable=g-bad-import-order
+from elastic_procs import HEARTBEAT  # pylint: disable=g-bad-import-order
+from test_elastic_slice import by_step  # pylint: disable=g-bad-import-order
 
 pytestmark = pytest.mark.skipif(not membership.available(),
                                 reason="torchft (the Lighthouse) is not installed")
 
 
-@pytest.fixture
-def run(tmp_path):
-  runs = []
-
-  def make(steps, extra=()):
-    r = ep.ElasticRun(tmp_path, 3, ARGS + [f"--steps={steps}"] + list(extra),
-                      heartbeat_timeout=HEARTBEAT)
-    runs.append(r)
-    return r
-  yield make
-  for r in runs:
-    r.close()
 
 
 def test_kill_during_exchange_completes_the_round(run):

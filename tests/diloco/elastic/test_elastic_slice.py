@@ -13,13 +13,10 @@ from posttrain_jax.diloco import streaming_diloco as sd
 from posttrain_jax.diloco.elastic import membership, run_slice, toy
 
 import elastic_procs as ep  # pylint: disable=g-bad-import-order
+from elastic_procs import ARGS, HEARTBEAT  # pylint: disable=g-bad-import-order
 
 pytestmark = pytest.mark.skipif(not membership.available(),
                                 reason="torchft (the Lighthouse) is not installed")
-
-HEARTBEAT = 1.0
-ARGS = ["--sync_every=4", "--num_fragments=2", "--overlap=1", "--rows=16",
-        "--width=16", "--layers=4", "--heartbeat_every=0.1"]
 
 
 def spmd_outer(steps: int, args: list[str]):
@@ -41,18 +38,6 @@ def by_step(records, event="step"):
   return {r["step"]: r for r in records if r["event"] == event}
 
 
-@pytest.fixture
-def run(tmp_path):
-  runs = []
-
-  def make(steps, extra=(), **kw):
-    r = ep.ElasticRun(tmp_path, 3, ARGS + [f"--steps={steps}"] + list(extra),
-                      heartbeat_timeout=HEARTBEAT, **kw)
-    runs.append(r)
-    return r
-  yield make
-  for r in runs:
-    r.close()
 
 
 def test_no_failure_equals_spmd_diloco(run):
