@@ -137,7 +137,6 @@ def train_clp(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: st
     if n % shards:
       raise ValueError(f"{what} = {n} is not divisible by the mesh's {shards} batch shards; "
                        "change it or ici_parallelism.")
-  rng = np.random.default_rng([seed, start])  # w draws continue differently per resume
   base_key = jax.random.key(seed)
 
   def rollout(params, prompt_list, weights, key, prompt_length=None):
@@ -167,8 +166,9 @@ def train_clp(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: st
     for step in loop:
       batch = next(data)
       prompt_list, prompt_length = repeated_prompts(batch, samples_per_prompt)
-      w = clp_lib.sample_weights(rng, len(batch["prompts"]), clp.num_rewards,
-                                 clp.dirichlet_alpha)
+      # w of step t from (seed, t) alone: a resumed run draws what it would have
+      w = clp_lib.sample_weights(np.random.default_rng([seed, step]), len(batch["prompts"]),
+                                 clp.num_rewards, clp.dirichlet_alpha)
       if clp.prompt_conditioning:
         w = clp_lib.round_to_simplex(w, clp.weight_decimals)
       w = np.repeat(w, samples_per_prompt, axis=0)  # one w per prompt, shared by its samples

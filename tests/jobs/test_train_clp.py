@@ -32,11 +32,11 @@ def clp_run(tmp_path_factory):
   params = Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   params_checkpoint.save(str(root / "sft"), nn.unbox(params), CFG)
 
-  def run(steps):
-    return train_clp(model_config=CFG, run_dir=str(root / "run"),
+  def run(steps, name="run"):
+    return train_clp(model_config=CFG, run_dir=str(root / name),
                      initial_checkpoint=str(root / "sft"), rewards=["gold", "brevity"],
                      num_steps=steps, clp=CLP, prompt_source=FixedPrompts(), max_new_tokens=6,
-                     optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0),
+                     optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay_steps=3),
                      eval_prompt_list=[[3 + i, 4] for i in range(8)], eval_weights=[(1.0, 0.0), (0.3, 0.7)],
                      log_every=1, checkpoint_every=2, async_checkpointing=False)
   return root, run(2), run
@@ -61,6 +61,11 @@ def test_resume_and_bad_input(clp_run):
   root, _, run = clp_run
   again = run(3)
   assert again.resumed_from == 2 and again.final_step == 3
+  # the same 3 steps without the interruption (decay_steps fixed: the schedule
+  # does not depend on num_steps)
+  straight = run(3, "straight")
+  for key, value in straight.metrics[3].items():  # same w draws, prompts, samples
+    np.testing.assert_allclose(again.metrics[3][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
   with pytest.raises(ValueError, match="num_rewards"):
     train_clp(model_config=CFG, run_dir=str(root / "bad"), initial_checkpoint=str(root / "sft"),
               rewards=["gold"], num_steps=1, clp=CLP, prompt_source=FixedPrompts())
