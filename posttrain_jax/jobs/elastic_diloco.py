@@ -54,7 +54,7 @@ from posttrain_jax.core.trainer import Trainer, TrainState, _MeshRules, train_st
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.diloco.elastic import checkpoint as ec
 from posttrain_jax.diloco.elastic import membership as mb
-from posttrain_jax.diloco.elastic.run_slice import digest
+from posttrain_jax.diloco.elastic.run_slice import digest, flat_arrays
 from posttrain_jax.diloco.elastic import slice as es
 from posttrain_jax.diloco.elastic import wire
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
@@ -88,11 +88,6 @@ class SliceBatches:
     batch = next(self._it)
     self._next = step + 1
     return {k: np.asarray(v)[self.lo:self.lo + self.block] for k, v in batch.items()}
-
-
-def _flat(tree) -> dict[str, np.ndarray]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
 def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
@@ -181,7 +176,7 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
       emit(event="started")
       state = algo.run(state, batches, num_steps, on_step)
     np.savez(os.path.join(run_dir, f"slice{slice_index}_outer.npz"),
-             **_flat(state.outer_params))
+             **flat_arrays(state.outer_params))
     result = {"final_step": int(state.step), "outer_digest": digest(state.outer_params),
               "bytes": peer.bytes.as_dict()}
     emit(event="done", step=result["final_step"], outer=result["outer_digest"],

@@ -10,11 +10,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from posttrain_jax.diloco.elastic import membership
+from posttrain_jax.diloco.elastic.run_slice import flat_arrays
 from posttrain_jax.models import params_checkpoint
 
 pytestmark = pytest.mark.skipif(not membership.available(),
@@ -45,11 +45,6 @@ def _binary(args, log):
                           env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
-def _flat(tree) -> dict:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def test_two_slices_equal_the_spmd_run(tmp_path):
   """launch/local.py --elastic_slices=2 with the LM gin (the Lighthouse and two
   binaries) against the binary's SPMD run, both at once."""
@@ -71,7 +66,7 @@ def test_two_slices_equal_the_spmd_run(tmp_path):
         p.wait()
   logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in ("elastic", "spmd")}
   assert codes == [0, 0], logs
-  spmd = _flat(params_checkpoint.load_numpy_params(
+  spmd = flat_arrays(params_checkpoint.load_numpy_params(
       str(spmd_dir), params_checkpoint.model_config_of(params_checkpoint.locate(str(spmd_dir)))))
   slices = [dict(np.load(elastic_dir / f"slice{s}_outer.npz")) for s in range(2)]
   assert slices[0].keys() == spmd.keys()

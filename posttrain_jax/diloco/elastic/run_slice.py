@@ -82,11 +82,28 @@ def diloco_config(args) -> sd.DiLoCoConfig:
                          quantization=args.quantization)
 
 
+_LAST_DIGEST: list = [(), ""]  # (leaves, digest) of the last tree hashed
+
+
 def digest(tree) -> str:
+  """A short sha256 of the tree's values. θ̃ changes only at outer steps, and
+  every log line of a step carries it: the same arrays (by identity) are
+  hashed once."""
+  leaves = tuple(jax.tree.leaves(tree))
+  last, value = _LAST_DIGEST
+  if len(leaves) == len(last) and all(a is b for a, b in zip(leaves, last)):
+    return value
   h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(tree)):
+  for leaf in jax.device_get(leaves):
     h.update(np.ascontiguousarray(leaf).tobytes())
-  return h.hexdigest()[:16]
+  _LAST_DIGEST[:] = [leaves, h.hexdigest()[:16]]
+  return _LAST_DIGEST[1]
+
+
+def flat_arrays(tree) -> dict[str, np.ndarray]:
+  """{"a/b/c": host array} of a tree (the slices' *_outer.npz files)."""
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
 def main(argv=None) -> int:
@@ -162,10 +179,8 @@ def main(argv=None) -> int:
                                  layers=args.layers)
   try:
     state = algo.run(state, batch_fn, args.steps, on_step)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(
-                jax.device_get(state.outer_params))[0]}
-    np.savez(os.path.join(args.out_dir, f"slice{args.slice}_outer.npz"), **flat)
+    np.savez(os.path.join(args.out_dir, f"slice{args.slice}_outer.npz"),
+             **flat_arrays(state.outer_params))
     emit(event="done", step=int(state.step), outer=digest(state.outer_params),
          bytes=peer.bytes.as_dict())
   finally:

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
+
+from posttrain_jax.diloco.elastic import run_slice
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
@@ -105,6 +106,4 @@ class ElasticRun:
         p.wait()
 
 
-def flat(tree) -> dict[str, np.ndarray]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+flat = run_slice.flat_arrays
