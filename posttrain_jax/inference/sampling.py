@@ -187,7 +187,8 @@ def generate(model: Transformer, params, prompts: jax.Array, prompt_lengths: jax
   logits, cache = model.apply(
       {"params": params}, prompts, positions=positions[:, :prompt_len],
       segment_ids=cache_segments[:, :prompt_len], cache=cache,
-      cache_info=CacheInfo(jnp.int32(0), cache_segments), last_logits_only=True)
+      cache_info=CacheInfo(jnp.int32(0), cache_segments, fresh=True),
+      last_logits_only=True)
   n = config.max_new_tokens
   init = dict(step=jnp.int32(0), cache=cache, logits=logits[:, -1],
               tokens=jnp.full((batch, n), config.pad_id, jnp.int32),

@@ -15,7 +15,8 @@ attention with the soft-cap in the kernel (splash_attention.py); "dot_product_at
 calls `jax.nn.dot_product_attention` (causal flag, the window as
 local_window_size = (window - 1, 0), segments as a boolean mask; cuDNN flash
 attention with dpa_implementation="cudnn"), which has no logit soft-cap.
-Decoding with a cache always takes the reference path.
+A sampler's prefill into an empty cache (`CacheInfo.fresh`) takes the same
+kernels as training; decoding attends over the whole cache by the reference path.
 """
 
 from __future__ import annotations
@@ -187,6 +188,33 @@ def causal_block_attention(q: Array, key: Array, value: Array,
   return _ungrouped_rows(jnp.concatenate(outs, axis=2), t)
 
 
+def reference_attention(q: Array, keys: Array, values: Array, q_index: Array,
+                        k_index: Array, q_segment_ids: Array | None,
+                        k_segment_ids: Array | None, window: int | None,
+                        cap: float | None) -> Array:
+  """Attention over all given keys with the full mask: the reference path.
+
+  q: [b, t, heads, d] already scaled; keys [b, kv_heads, d, s] and values [b,
+  kv_heads, s, d] (the KV cache layout); q_index [t] and k_index [s] are the
+  tokens' slots. The query heads that share a kv head are stacked as rows
+  (_grouped_rows), so each kv head's scores and outputs are one [t g, d] x [d,
+  s] and one [t g, s] x [s, d] matmul. (The "btkgd,bksd->bkgts" einsum form
+  made XLA:CPU compute a decode step's value product as a transposed [s, d]^T x
+  [s, g] dot, 40% of the step: issue 26.) Returns [b, t, heads, d].
+  """
+  b, t = q.shape[:2]
+  k = keys.shape[1]
+  groups = q.shape[2] // k
+  rows = _grouped_rows(q, k)                                        # [b, k, t g, d]
+  scores = jnp.einsum("bkrd,bkds->bkrs", rows, keys, preferred_element_type=jnp.float32)
+  mask = attention_mask(jnp.broadcast_to(q_index, (b, t)),
+                        jnp.broadcast_to(k_index, (b, k_index.shape[0])),
+                        q_segment_ids, k_segment_ids, window)       # [b, t, s]
+  mask = jnp.repeat(mask, groups, axis=1)                           # [b, t g, s]
+  probs = _masked_softmax(scores, mask[:, None], cap).astype(q.dtype)
+  return _ungrouped_rows(jnp.einsum("bkrs,bksd->bkrd", probs, values), t)
+
+
 @flax.struct.dataclass
 class CacheInfo:
   """Where new tokens go in a KV cache, shared by every layer.
@@ -195,21 +223,44 @@ class CacheInfo:
   segment_ids: [batch, cache_len]; 0 marks slots that must never be attended
     (left padding of prompts), 1 marks real tokens. Unwritten future slots are
     excluded by causality.
+  fresh: (static) the cache holds nothing before these tokens and index is 0,
+    as in a sampler's prefill: the tokens then attend among themselves by the
+    same kernels as training (blocked local and causal paths), not over the
+    whole cache.
   """
 
   index: Array
   segment_ids: Array
+  fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def init_kv_cache(batch: int, length: int, num_kv_heads: int, head_dim: int,
                   dtype) -> dict[str, Array]:
-  """Zero key/value cache of one layer: [batch, kv_heads, length, head_dim].
+  """Zero key/value cache of one layer: keys [batch, kv_heads, head_dim,
+  length], values [batch, kv_heads, length, head_dim].
 
-  Head-major, so the per-step score and value contractions read the cache in
-  place instead of transposing all of it every decode step.
+  Head-major, so a decode step's score and value products read the cache in
+  place: scores are [t g, d] x [d, s] and outputs [t g, s] x [s, d], plain
+  row-major matmuls per kv head. (Keys stored [s, d] made XLA:CPU transpose
+  every kv head's keys each step: 2.2x slower score products, issue 26.)
   """
-  shape = (batch, num_kv_heads, length, head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return {"k": jnp.zeros((batch, num_kv_heads, head_dim, length), dtype),
+          "v": jnp.zeros((batch, num_kv_heads, length, head_dim), dtype)}
+
+
+def write_cache(cache: dict[str, Array], key: Array, value: Array,
+                index: Array) -> dict[str, Array]:
+  """Writes keys/values [b, t, kv_heads, d] at slots index..index+t-1."""
+  key = jnp.transpose(key, (0, 2, 3, 1)).astype(cache["k"].dtype)     # [b, k, d, t]
+  value = jnp.swapaxes(value, 1, 2).astype(cache["v"].dtype)          # [b, k, t, d]
+  return {
+      "k": nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(cache["k"], key, (0, 0, 0, index)),
+          ("batch", "kv_heads", "kv", "length")),
+      "v": nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice(cache["v"], value, (0, 0, index, 0)),
+          ("batch", "kv_heads", "length", "kv")),
+  }
 
 
 class Attention(nn.Module):
@@ -256,41 +307,32 @@ class Attention(nn.Module):
 
     batch, length = x.shape[:2]
     window = cfg.sliding_window_size if self.attention_type == "local" else None
-    if cache is None:
-      out = self._kernel_attention(q, key, value, segment_ids, window, length)
-      if out is not None:
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        return token_dense(out, w_o, in_dims=2)
-
-    q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    k_index, k_segment_ids, new_cache = q_index, segment_ids, None
-    key = jnp.swapaxes(key, 1, 2)      # [b, kv_heads, t, d]
-    value = jnp.swapaxes(value, 1, 2)
+    new_cache = None
     if cache is not None:
-      start = (0, 0, cache_info.index, 0)
-      new_cache = {
-          "k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
-          "v": jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start),
-      }
-      new_cache = jax.tree.map(lambda c: nn.with_logical_constraint(
-          c, ("batch", "kv_heads", "length", "kv")), new_cache)
-      key, value = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-      q_index = q_index + cache_info.index
-      k_index = jnp.broadcast_to(jnp.arange(key.shape[2], dtype=jnp.int32),
-                                 (batch, key.shape[2]))
-      k_segment_ids = cache_info.segment_ids
+      new_cache = write_cache(cache, key, value, cache_info.index)
+    if cache is None or cache_info.fresh:
+      if cache is not None:  # prefill into an empty cache: attend among the new tokens
+        segment_ids = cache_info.segment_ids[:, :length]
+        # as decoding would read them back: rounded to the cache's dtype
+        key = key.astype(cache["k"].dtype).astype(dtype)
+        value = value.astype(cache["v"].dtype).astype(dtype)
+      out = self._kernel_attention(q, key, value, segment_ids, window, length)
+      if out is None:
+        q_index = jnp.arange(length, dtype=jnp.int32)
+        out = reference_attention(q, jnp.transpose(key, (0, 2, 3, 1)),
+                                  jnp.swapaxes(value, 1, 2), q_index, q_index,
+                                  segment_ids, segment_ids, window,
+                                  cfg.attn_logits_soft_cap)
+    else:
+      # Every layer reads the whole cache: slicing a local layer's window out of
+      # it made XLA:CPU copy both cache tensors each step (slower, issue 26).
+      q_index = cache_info.index + jnp.arange(length, dtype=jnp.int32)
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
-
-    groups = h // k
-    q = q.reshape(batch, length, k, groups, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, key,
-                        preferred_element_type=jnp.float32)
-    mask = attention_mask(q_index, k_index, segment_ids, k_segment_ids, window)
-    probs = _masked_softmax(scores, mask[:, None, None, :, :],
-                            cfg.attn_logits_soft_cap).astype(dtype)
-
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, value).reshape(batch, length, h, hd)
+      out = reference_attention(
+          q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), q_index,
+          jnp.arange(new_cache["k"].shape[-1], dtype=jnp.int32), segment_ids,
+          cache_info.segment_ids, window, cfg.attn_logits_soft_cap)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = token_dense(out, w_o, in_dims=2)
     return out if cache is None else (out, new_cache)
