@@ -76,6 +76,7 @@ from posttrain_jax.models import ModelConfig, Transformer, presets
 from posttrain_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 
 from bench_report import peak_tflops_for, table  # tools/bench_report.py
+import profile_ops  # tools/profile_ops.py
 
 try:  # gin-config is optional: --model works without it.
   from posttrain_jax import cli
@@ -243,6 +244,10 @@ def parse_args(rest):
   p.add_argument("--peer_threads", type=int, default=None,
                  help="torch.set_num_threads for the peer (default: torch's)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="after timing, trace --steps more of our steps into DIR and print "
+                      "where the time goes (tools/profile_ops.py; on CPU set XLA_FLAGS="
+                      "--xla_cpu_enable_xprof_traceme=true)")
   p.add_argument("--json", action="store_true", help="print the row as one JSON line")
   p.add_argument("--jsonl", default=None, help="also append the rows to this JSON-lines file")
   args = p.parse_args(rest)
@@ -307,8 +312,8 @@ def step_flops_per_token(args, cfg: ModelConfig, teacher: ModelConfig) -> float:
 
 
 def _compiled_step(args, trainer, abstract_batch):
-  """(compiled step, compile s, run) with run(compiled, state, batch, aux) ->
-  (state, scalar loss)."""
+  """(run, compile s, optimized HLO text) with run(state, batch, aux) ->
+  (state, metrics)."""
   # pylint: disable=protected-access  # the jitted steps the trainers run
   t0 = time.perf_counter()
   with trainer._context():
@@ -330,7 +335,7 @@ def _compiled_step(args, trainer, abstract_batch):
       del aux
       sums = compiled(state.params, batch)
       return state, {"loss": sums["cross_entropy"] / sums["weight"]}
-  return run, compile_s
+  return run, compile_s, compiled.as_text()
 
 
 def run_ours(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
@@ -352,7 +357,7 @@ def run_ours(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
       for k, dtype in (("decoder_input_tokens", jnp.int32),
                        ("decoder_target_tokens", jnp.int32),
                        ("decoder_loss_weights", jnp.float32))}
-  run, compile_s = _compiled_step(args, trainer, abstract_batch)
+  run, compile_s, hlo = _compiled_step(args, trainer, abstract_batch)
 
   aux = None
   if host is None:
@@ -380,6 +385,14 @@ def run_ours(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
       state, metrics = run(state, batches[i % 2], aux)
     jax.block_until_ready((state, metrics))
     elapsed = min(elapsed, time.perf_counter() - t0)
+  if args.profile:
+    with profile_ops.traced(args.profile):
+      for i in range(args.steps):
+        state, metrics = run(state, batches[i % 2], aux)
+      jax.block_until_ready((state, metrics))
+    print(f"Profile of {args.steps} steps ({args.profile}), per step:\n"
+          f"{profile_ops.table(profile_ops.summarize(args.profile, hlo), per=args.steps)}\n",
+          flush=True)
   mem, mem_source = peak_memory()
   engine = f"posttrain_jax ({cfg.attention_impl}"
   engine += f"/{cfg.dpa_implementation})" if cfg.dpa_implementation else ")"

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from posttrain_jax.core.argmax import argmax
+
 Array = jax.Array
 
 
@@ -40,7 +42,7 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   ce = (log_z - target_logit) * weights
   zl = z_loss * jnp.square(log_z) * weights
-  correct = (jnp.argmax(logits, axis=-1) == targets) * weights
+  correct = (argmax(logits) == targets) * weights
   return {
       "loss": jnp.sum(ce + zl),
       "cross_entropy": jnp.sum(ce),

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax.core import partitioning
+from posttrain_jax.core.argmax import argmax
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.models.attention import CacheInfo
 from posttrain_jax.models.gemma2 import init_cache
@@ -148,7 +149,7 @@ def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
 def _pick(logits, rng, config: SamplingConfig):
   model_lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   if config.greedy:
-    token = jnp.argmax(logits, axis=-1)
+    token = argmax(logits)
     sample_lp = jnp.zeros(token.shape, jnp.float32)
   else:
     lp = sampling_log_probs(logits, config)
