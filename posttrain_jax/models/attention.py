@@ -249,10 +249,28 @@ def init_kv_cache(batch: int, length: int, num_kv_heads: int, head_dim: int,
 
 
 def write_cache(cache: dict[str, Array], key: Array, value: Array,
-                index: Array) -> dict[str, Array]:
-  """Writes keys/values [b, t, kv_heads, d] at slots index..index+t-1."""
+                info: CacheInfo) -> dict[str, Array]:
+  """Writes keys/values [b, t, kv_heads, d] of positions index..index+t-1.
+
+  A cache with fewer slots than info.segment_ids (a local layer's ring buffer,
+  gemma2.init_cache) keeps position p in slot p mod slots: one token at a time
+  (decoding), or a fresh prefill, whose last `slots` tokens are kept.
+  """
   key = jnp.transpose(key, (0, 2, 3, 1)).astype(cache["k"].dtype)     # [b, k, d, t]
   value = jnp.swapaxes(value, 1, 2).astype(cache["v"].dtype)          # [b, k, t, d]
+  slots, t = cache["k"].shape[-1], key.shape[-1]
+  index = info.index
+  if slots < info.segment_ids.shape[1]:  # ring buffer
+    if t > 1 and not info.fresh:
+      raise ValueError(
+          f"A local layer's ring-buffer cache ({slots} slots) takes one new token per "
+          f"call or a fresh prefill (CacheInfo(fresh=True)), got {t} tokens at a traced "
+          "index; decode one token at a time.")
+    if t > slots:  # fresh prefill: keep the last `slots`, position p in slot p % slots
+      shift = (t - slots) % slots
+      key = jnp.roll(key[..., t - slots:], shift, axis=3)
+      value = jnp.roll(value[:, :, t - slots:], shift, axis=2)
+    index = index % slots
   return {
       "k": nn.with_logical_constraint(
           jax.lax.dynamic_update_slice(cache["k"], key, (0, 0, 0, index)),
@@ -261,6 +279,20 @@ def write_cache(cache: dict[str, Array], key: Array, value: Array,
           jax.lax.dynamic_update_slice(cache["v"], value, (0, 0, index, 0)),
           ("batch", "kv_heads", "length", "kv")),
   }
+
+
+def cache_positions(slots: int, info: CacheInfo, length: int) -> tuple[Array, Array]:
+  """(position of the token in each cache slot [slots], its segment id [b, slots])
+  after writing `length` tokens at info.index. In a ring buffer slot j holds the
+  latest position p <= index + length - 1 with p = j mod slots; a slot not
+  written yet gets segment -1 (never attended)."""
+  if slots == info.segment_ids.shape[1]:
+    return jnp.arange(slots, dtype=jnp.int32), info.segment_ids
+  last = info.index + length - 1
+  j = jnp.arange(slots, dtype=jnp.int32)
+  positions = last - jnp.mod(last - j, slots)
+  segments = jnp.take(info.segment_ids, jnp.maximum(positions, 0), axis=1)
+  return positions, jnp.where(positions >= 0, segments, -1)
 
 
 class Attention(nn.Module):
@@ -309,7 +341,7 @@ class Attention(nn.Module):
     window = cfg.sliding_window_size if self.attention_type == "local" else None
     new_cache = None
     if cache is not None:
-      new_cache = write_cache(cache, key, value, cache_info.index)
+      new_cache = write_cache(cache, key, value, cache_info)
     if cache is None or cache_info.fresh:
       if cache is not None:  # prefill into an empty cache: attend among the new tokens
         segment_ids = cache_info.segment_ids[:, :length]
@@ -324,15 +356,16 @@ class Attention(nn.Module):
                                   segment_ids, segment_ids, window,
                                   cfg.attn_logits_soft_cap)
     else:
-      # Every layer reads the whole cache: slicing a local layer's window out of
-      # it made XLA:CPU copy both cache tensors each step (slower, issue 26).
+      # A local layer's ring buffer holds its window only (gemma2.init_cache);
+      # slicing the window out of a full-length cache instead made XLA:CPU copy
+      # both cache tensors every step (issue 26).
       q_index = cache_info.index + jnp.arange(length, dtype=jnp.int32)
+      k_index, k_segment_ids = cache_positions(new_cache["k"].shape[-1], cache_info, length)
       if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
       out = reference_attention(
           q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), q_index,
-          jnp.arange(new_cache["k"].shape[-1], dtype=jnp.int32), segment_ids,
-          cache_info.segment_ids, window, cfg.attn_logits_soft_cap)
+          k_index, segment_ids, k_segment_ids, window, cfg.attn_logits_soft_cap)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = token_dense(out, w_o, in_dims=2)
     return out if cache is None else (out, new_cache)

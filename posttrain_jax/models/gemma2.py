@@ -164,11 +164,22 @@ class Transformer(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None):
-  """Zero KV cache for every layer, in the layout `Transformer` expects."""
+  """Zero KV cache for every layer, in the layout `Transformer` expects.
+
+  A global layer's cache has `length` slots. A local layer's has
+  min(length, sliding_window_size): a ring buffer (attention.write_cache) that
+  holds the only keys its next query can see, so a decode step reads window
+  instead of length slots there."""
   dtype = dtype or config.compute_dtype
-  one = lambda: init_kv_cache(batch, length, config.num_kv_heads, config.head_dim, dtype)
+
+  def one(attention_type):
+    slots = length
+    if attention_type == "local" and config.sliding_window_size:
+      slots = min(length, config.sliding_window_size)
+    return init_kv_cache(batch, slots, config.num_kv_heads, config.head_dim, dtype)
+
   if config.scan_layers:
     groups = config.num_layers // len(config.attention_pattern)
     stack = lambda c: jax.tree.map(lambda a: jnp.broadcast_to(a, (groups,) + a.shape), c)
-    return {f"{t}_{i}": stack(one()) for i, t in enumerate(config.attention_pattern)}
-  return {f"layer_{i}": one() for i in range(config.num_layers)}
+    return {f"{t}_{i}": stack(one(t)) for i, t in enumerate(config.attention_pattern)}
+  return {f"layer_{i}": one(config.attention_type(i)) for i in range(config.num_layers)}

@@ -402,3 +402,23 @@ def test_bfloat16_compute_close_to_float32(scan_layers):
   cfg_bf16_params = dataclasses.replace(cfg16, param_dtype="bfloat16")
   for leaf in jax.tree_util.tree_leaves(param_shapes(cfg_bf16_params)):
     assert leaf.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_local_layers_get_a_ring_buffer_cache_of_the_window(scan):
+  from posttrain_jax.models.attention import CacheInfo  # pylint: disable=import-outside-toplevel
+  from posttrain_jax.models.gemma2 import init_cache  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(vocab_size=32, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=8, mlp_dim=32, sliding_window_size=3, scan_layers=scan)
+  cache = init_cache(cfg, 1, 10)
+  local, global_ = (("local_0", "global_1") if scan else ("layer_0", "layer_1"))
+  assert cache[local]["k"].shape[-1] == cache[local]["v"].shape[-2] == 3
+  assert cache[global_]["k"].shape[-1] == 10
+  assert init_cache(cfg, 1, 2)[local]["k"].shape[-1] == 2  # shorter than the window
+  model = Transformer(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  tokens = jnp.ones((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="ring-buffer cache"):
+    model.apply({"params": params}, tokens, positions=jnp.asarray([[4, 5]]),
+                segment_ids=jnp.ones((1, 2), jnp.int32), cache=cache,
+                cache_info=CacheInfo(jnp.int32(4), jnp.ones((1, 10), jnp.int32)))
