@@ -20,9 +20,11 @@ import os
 import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_TOOLS)
+for _path in (_REPO, _TOOLS):  # posttrain_jax; profile_ops
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
@@ -31,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax.core import host_allocator, partitioning
-from posttrain_jax.inference.sampling import Sampler, SamplingConfig
+from posttrain_jax.inference.sampling import Sampler, SamplingConfig, left_pad
 from posttrain_jax.models import Transformer, presets
+
+import profile_ops  # tools/profile_ops.py
 
 
 def parse_args(argv):
@@ -48,6 +52,10 @@ def parse_args(argv):
   p.add_argument("--no_hf", action="store_true", help="skip the transformers row")
   p.add_argument("--hf_device", default=None, help="torch device (default cuda if any)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="after timing, trace one more of our calls into DIR and print where "
+                      "the time goes per decode step (tools/profile_ops.py; on CPU set "
+                      "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)")
   p.add_argument("--guidance", type=float, default=None,
                  help="classifier-free guidance gamma (2 forward rows per token; no HF row)")
   return p.parse_args(argv)
@@ -69,7 +77,7 @@ def prompts_for(cfg, batch, prompt_len, seed=0):
   return [rng.integers(3, cfg.vocab_size, n).tolist() for n in lengths]
 
 
-def time_ours(cfg, params, prompts, new_tokens, repeats, ici, guidance=None):
+def time_ours(cfg, params, prompts, new_tokens, repeats, ici, guidance=None, profile=None):
   mesh = partitioning.create_mesh(ici)
   sampler = Sampler(cfg, SamplingConfig(max_new_tokens=new_tokens, greedy=True,
                                         eos_id=None, guidance=guidance), mesh)
@@ -83,6 +91,15 @@ def time_ours(cfg, params, prompts, new_tokens, repeats, ici, guidance=None):
     out = jax.block_until_ready(sampler(params, prompts, jax.random.key(r)))
     times.append(time.perf_counter() - t0)
   tokens = np.asarray(out.tokens[:, -new_tokens:])
+  if profile:
+    with profile_ops.traced(profile):
+      jax.block_until_ready(sampler(params, prompts, jax.random.key(0)))
+    with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sampler.rules):
+      hlo = sampler._generate.lower(  # pylint: disable=protected-access
+          params, *left_pad(prompts, cfg.vocab_size), jax.random.key(0)).compile().as_text()
+    print(f"Profile of one call ({profile}), per decode step (prefill included):\n"
+          f"{profile_ops.table(profile_ops.summarize(profile, hlo), per=new_tokens)}\n",
+          flush=True)
   return min(times), compile_s, tokens
 
 
@@ -145,7 +162,7 @@ def main(argv=None) -> int:
   prompts = prompts_for(cfg, args.batch, args.prompt_len)
   new = args.batch * args.new_tokens
   ours_s, compile_s, ours_tokens = time_ours(cfg, params, prompts, args.new_tokens,
-                                             args.repeats, ici, args.guidance)
+                                             args.repeats, ici, args.guidance, args.profile)
   rows = [{"engine": "posttrain_jax", "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "model": args.model,
            "batch": args.batch, "prompt_len": args.prompt_len,

@@ -33,3 +33,15 @@ def test_unknown_preset_is_one_line():
                         text=True, timeout=120)
   assert proc.returncode == 2
   assert "Unknown model preset '3b'" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_profile_prints_the_decode_ops(tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_cpu_enable_xprof_traceme=true")
+  proc = subprocess.run([sys.executable, "tools/bench_sample.py", "--batch", "2",
+                         "--prompt_len", "8", "--new_tokens", "4", "--repeats", "1",
+                         "--no_hf", f"--profile={tmp_path}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "per decode step" in proc.stdout
+  assert "while/body/Transformer/layer_*/attn" in proc.stdout  # the decode loop's ops
