@@ -5,7 +5,9 @@
 #   bash tools/run_teacher_hacking.sh [STAGE ...]
 #
 # Stages (default: all, in order): oracle oracle_data teacher student_sft
-# teacher_data offline online_teacher online_student diversity report.
+# teacher_data offline online_teacher online_student diversity gap lever report.
+# gap: the teacher's own golden KL G_T (teacher_gap.gin); lever: issue 24's
+# teacher-size student, offline on 128 samples and online (lever_*.gin).
 # Finished stages are skipped (training runs resume from their checkpoints;
 # existing datasets are kept), so the script can be re-run after an interruption.
 # Outputs: runs/teacher_hacking/{oracle,teacher,student_sft,offline,...} (each
@@ -51,6 +53,12 @@ stage() {
     online_teacher) train online_teacher ;;
     online_student) train online_student ;;
     diversity) train diversity_p256_g2; train diversity_p128_g4 ;;
+    gap) train teacher_gap ;;
+    lever)
+      train lever_student_sft
+      generate teacher_p128_g1 "$ROOT/teacher" train 128 1
+      train lever_offline
+      train lever_online_teacher ;;
     report)
       $PY tools/plot_teacher_hacking.py --root "$ROOT" --out_dir docs/experiments ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -60,6 +68,6 @@ stage() {
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
   STAGES=(oracle oracle_data teacher student_sft teacher_data offline online_teacher
-          online_student diversity report)
+          online_student diversity gap lever report)
 fi
 for s in "${STAGES[@]}"; do stage "$s"; done
