@@ -8,6 +8,8 @@ each distillation run under --root, writes
 
   teacher_hacking_sources.png    proxy and golden vs step, offline vs online sources
   teacher_hacking_diversity.png  the same for the prompts x generations ablation
+  teacher_hacking_lever.png      issue 24's lever cell (teacher-size student,
+                                 128 x 1 offline vs online), when it was run
 
 and prints a markdown table: the training loss (per-token forward KL on the
 training batches), start / minimum / final golden and proxy, the
@@ -33,16 +35,19 @@ from posttrain_jax.distillation import hacking_detector
 
 SOURCES = ("offline", "online_teacher", "online_student")
 DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")
+LEVER = ("lever_offline", "lever_online_teacher")
 LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teacher",
           "online_student": "online student",
           "diversity_p256_g2": "offline (256 prompts x 2)",
-          "diversity_p128_g4": "offline (128 prompts x 4)"}
+          "diversity_p128_g4": "offline (128 prompts x 4)",
+          "lever_offline": "lever: teacher-size student, offline (128 x 1)",
+          "lever_online_teacher": "lever: teacher-size student, online teacher"}
 
 
 def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   out = {}
   for tag in ("eval/proxy_kl", "eval/golden_kl", "eval/proxy_kl_token_sum",
-              "eval/golden_kl_token_sum", "loss"):
+              "eval/golden_kl_token_sum", "eval/golden_kl_stderr", "loss"):
     c = read_curve(run_dir, tag)
     if c is None and tag.endswith("_token_sum"):  # runs written before the rename
       c = read_curve(run_dir, tag.replace("_token_sum", "_per_token"))
@@ -66,10 +71,12 @@ def summary_row(name: str, c) -> str:
   i = int(np.argmin(gv))
   loss = c.get("loss")
   train = f"{loss[1][0]:.3f} -> {loss[1][-1]:.3f}" if loss is not None else "n/a"
+  stderr = c.get("eval/golden_kl_stderr")
+  rise = f"{gv[-1] - gv[i]:+.2f}" + (f" (stderr {stderr[1][-1]:.2f})" if stderr else "")
   return (f"| {LABELS.get(name, name)} | {train} "
           f"| {pv[0]:.2f} -> {pv[-1]:.2f} (min {pv.min():.2f}) "
           f"| {gv[0]:.2f} -> {gv[-1]:.2f} | {gv[i]:.2f} at step {int(gs[i])} "
-          f"| {gv[-1] - gv[i]:+.2f} | {_detect(ps, pv)} | {_detect(gs, gv)} |")
+          f"| {rise} | {_detect(ps, pv)} | {_detect(gs, gv)} |")
 
 
 def plot(runs: dict, names, title: str, path: str) -> None:
@@ -105,7 +112,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out_dir", default="docs/experiments")
   args = parser.parse_args(argv)
   runs = {}
-  for name in dict.fromkeys(SOURCES + DIVERSITY):
+  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER):
     d = os.path.join(args.root, name)
     if os.path.isdir(d):
       c = curves(d)
@@ -120,11 +127,19 @@ def main(argv=None) -> int:
        os.path.join(args.out_dir, "teacher_hacking_sources.png"))
   plot(runs, DIVERSITY, "Teacher hacking: prompts x generations at a fixed budget of 512",
        os.path.join(args.out_dir, "teacher_hacking_diversity.png"))
+  if any(name in runs for name in LEVER):
+    plot(runs, LEVER, "Teacher hacking, issue 24 lever: teacher-size student, offline 128 x 1 "
+         "vs online", os.path.join(args.out_dir, "teacher_hacking_lever.png"))
+  gap_dir = os.path.join(args.root, "teacher_gap")
+  gap = curves(gap_dir) if os.path.isdir(gap_dir) else {}
+  if "eval/golden_kl" in gap:
+    print(f"G_T = KL(oracle || teacher) = {gap['eval/golden_kl'][1][0]:.2f} nats per sequence "
+          f"(proxy check KL(teacher || teacher) = {gap['eval/proxy_kl'][1][0]:.2f})\n")
   print("| run | train loss (first -> last logged) | proxy: start -> end (min) "
         "| golden: start -> end | golden minimum | golden rise after min "
         "| detector (proxy) | detector (golden) |")
   print("|---|---|---|---|---|---|---|---|")
-  for name in dict.fromkeys(SOURCES + DIVERSITY):
+  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER):
     if name in runs:
       print(summary_row(name, runs[name]))
   return 0

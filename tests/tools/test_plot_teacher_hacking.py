@@ -22,15 +22,18 @@ def test_table_and_plots_from_event_files(tmp_path):
   script = textwrap.dedent(f"""
       import os
       from clu import metric_writers
-      for name in ("offline", "online_teacher"):
+      for name in ("offline", "online_teacher", "lever_offline", "teacher_gap"):
         w = metric_writers.create_default_writer(os.path.join({str(root)!r}, name))
         for s in range(0, 1001, 50):
           t = max(s, 1)
           proxy = 40.0 * t ** -0.2
           golden = 50.0 * t ** -0.15
-          if name == "offline" and s > 300:
+          if name in ("offline", "lever_offline") and s > 300:
             golden = 50.0 * 300 ** -0.15 + 0.02 * (s - 300)
-          w.write_scalars(s, {{"eval/proxy_kl": proxy, "eval/golden_kl": golden}})
+          if name == "teacher_gap":
+            proxy, golden = 0.0, 17.25
+          w.write_scalars(s, {{"eval/proxy_kl": proxy, "eval/golden_kl": golden,
+                               "eval/golden_kl_stderr": 1.5}})
           if s:
             w.write_scalars(s, {{"loss": 1.0 / t ** 0.3}})
         w.flush(); w.close()
@@ -44,11 +47,16 @@ def test_table_and_plots_from_event_files(tmp_path):
           if line.startswith("| ") and "run |" not in line}
   offline = rows["offline (512 prompts x 1)"].split("|")
   assert "at step 300" in offline[5]                    # the golden minimum
-  assert float(offline[6]) > 10                         # the golden rise after it
+  assert float(offline[6].split()[0]) > 10              # the golden rise after it
   assert offline[8].strip().startswith("step")          # flagged on golden
   online = rows["online teacher"].split("|")
   assert online[7].strip() == "no" and online[8].strip() == "no"
-  for png in ("teacher_hacking_sources.png", "teacher_hacking_diversity.png"):
+  assert "(stderr 1.50)" in offline[6]
+  lever = rows["lever: teacher-size student, offline (128 x 1)"].split("|")
+  assert lever[8].strip().startswith("step")
+  assert "G_T = KL(oracle || teacher) = 17.25 nats per sequence" in proc.stdout
+  for png in ("teacher_hacking_sources.png", "teacher_hacking_diversity.png",
+              "teacher_hacking_lever.png"):
     assert (out / png).stat().st_size > 10_000
 
 
