@@ -8,8 +8,8 @@ each distillation run under --root, writes
 
   teacher_hacking_sources.png    proxy and golden vs step, offline vs online sources
   teacher_hacking_diversity.png  the same for the prompts x generations ablation
-  teacher_hacking_lever.png      issue 24's lever cell (teacher-size student,
-                                 128 x 1 offline vs online), when it was run
+  teacher_hacking_lever.png      issue 24's lever cells (teacher-size student,
+                                 128 x 1 and 32 x 1 offline vs online), when run
 
 and prints a markdown table: the training loss (per-token forward KL on the
 training batches), start / minimum / final golden and proxy, the
@@ -35,12 +35,13 @@ from posttrain_jax.distillation import hacking_detector
 
 SOURCES = ("offline", "online_teacher", "online_student")
 DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")
-LEVER = ("lever_offline", "lever_online_teacher")
+LEVER = ("lever_offline", "lever_offline_p32", "lever_online_teacher")
 LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teacher",
           "online_student": "online student",
           "diversity_p256_g2": "offline (256 prompts x 2)",
           "diversity_p128_g4": "offline (128 prompts x 4)",
           "lever_offline": "lever: teacher-size student, offline (128 x 1)",
+          "lever_offline_p32": "lever: teacher-size student, offline (32 x 1)",
           "lever_online_teacher": "lever: teacher-size student, online teacher"}
 
 

@@ -58,7 +58,9 @@ stage() {
       train lever_student_sft
       generate teacher_p128_g1 "$ROOT/teacher" train 128 1
       train lever_offline
-      train lever_online_teacher ;;
+      train lever_online_teacher
+      generate teacher_p32_g1 "$ROOT/teacher" train 32 1
+      train lever_offline_p32 ;;
     report)
       $PY tools/plot_teacher_hacking.py --root "$ROOT" --out_dir docs/experiments ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
