@@ -36,13 +36,16 @@ from posttrain_jax.distillation import hacking_detector
 SOURCES = ("offline", "online_teacher", "online_student")
 DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")
 LEVER = ("lever_offline", "lever_offline_p32", "lever_online_teacher")
+LEVER_DIVERSITY = ("lever_offline_p32", "lever_diversity_p16_g2", "lever_diversity_p8_g4")
 LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teacher",
           "online_student": "online student",
           "diversity_p256_g2": "offline (256 prompts x 2)",
           "diversity_p128_g4": "offline (128 prompts x 4)",
           "lever_offline": "lever: teacher-size student, offline (128 x 1)",
           "lever_offline_p32": "lever: teacher-size student, offline (32 x 1)",
-          "lever_online_teacher": "lever: teacher-size student, online teacher"}
+          "lever_online_teacher": "lever: teacher-size student, online teacher",
+          "lever_diversity_p16_g2": "lever: offline (16 x 2)",
+          "lever_diversity_p8_g4": "lever: offline (8 x 4)"}
 
 
 def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out_dir", default="docs/experiments")
   args = parser.parse_args(argv)
   runs = {}
-  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER):
+  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY):
     d = os.path.join(args.root, name)
     if os.path.isdir(d):
       c = curves(d)
@@ -124,13 +127,17 @@ def main(argv=None) -> int:
           f"{args.root}", file=sys.stderr)
     return 2
   os.makedirs(args.out_dir, exist_ok=True)
-  plot(runs, SOURCES, "Teacher hacking: data sources (CPU scale)",
-       os.path.join(args.out_dir, "teacher_hacking_sources.png"))
-  plot(runs, DIVERSITY, "Teacher hacking: prompts x generations at a fixed budget of 512",
-       os.path.join(args.out_dir, "teacher_hacking_diversity.png"))
-  if any(name in runs for name in LEVER):
-    plot(runs, LEVER, "Teacher hacking, issue 24 lever: teacher-size student, offline 128 x 1 "
-         "vs online", os.path.join(args.out_dir, "teacher_hacking_lever.png"))
+  groups = (
+      (SOURCES, "Teacher hacking: data sources (CPU scale)", "teacher_hacking_sources.png"),
+      (DIVERSITY, "Teacher hacking: prompts x generations at a fixed budget of 512",
+       "teacher_hacking_diversity.png"),
+      (LEVER, "Teacher hacking, issue 24 levers: teacher-size student, offline 128 x 1 and "
+       "32 x 1 vs online", "teacher_hacking_lever.png"),
+      (LEVER_DIVERSITY, "Teacher hacking, issue 24: prompts x generations at a fixed budget "
+       "of 32", "teacher_hacking_lever_diversity.png"))
+  for names, title, png in groups:
+    if any(name in runs for name in names):  # a group not run keeps its old figure
+      plot(runs, names, title, os.path.join(args.out_dir, png))
   gap_dir = os.path.join(args.root, "teacher_gap")
   gap = curves(gap_dir) if os.path.isdir(gap_dir) else {}
   if "eval/golden_kl" in gap:
@@ -140,10 +147,37 @@ def main(argv=None) -> int:
         "| golden: start -> end | golden minimum | golden rise after min "
         "| detector (proxy) | detector (golden) |")
   print("|---|---|---|---|---|---|---|---|")
-  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER):
+  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY):
     if name in runs:
       print(summary_row(name, runs[name]))
+  for name in LEVER:
+    line = seed_summary(args.root, name)
+    if line:
+      print(line)
   return 0
+
+
+def seed_summary(root: str, name: str) -> str | None:
+  """Mean +- standard error over seeds (runs NAME, NAME_seed1, ...) of the end -
+  start change of golden and proxy, and of golden's rise after its minimum
+  (step > 0); None with fewer than 2 seeds."""
+  dirs = [os.path.join(root, name)] + sorted(
+      os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+      if d.startswith(name + "_seed"))
+  deltas = []
+  for d in dirs:
+    c = curves(d) if os.path.isdir(d) else {}
+    if "eval/golden_kl" not in c or "eval/proxy_kl" not in c or len(c["eval/golden_kl"][1]) < 2:
+      continue  # not run, or only its step-0 evaluation so far
+    gv, pv = c["eval/golden_kl"][1], c["eval/proxy_kl"][1]
+    deltas.append((gv[-1] - gv[0], pv[-1] - pv[0], gv[-1] - gv[1:].min()))
+  if len(deltas) < 2:
+    return None
+  a = np.asarray(deltas)
+  mean, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(len(a))
+  return (f"{LABELS.get(name, name)}, {len(a)} seeds: golden end - start {mean[0]:+.2f} +- "
+          f"{se[0]:.2f}, proxy end - start {mean[1]:+.2f} +- {se[1]:.2f}, golden rise after "
+          f"its minimum {mean[2]:+.2f} +- {se[2]:.2f} (mean +- standard error)")
 
 
 if __name__ == "__main__":

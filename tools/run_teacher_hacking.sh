@@ -5,9 +5,12 @@
 #   bash tools/run_teacher_hacking.sh [STAGE ...]
 #
 # Stages (default: all, in order): oracle oracle_data teacher student_sft
-# teacher_data offline online_teacher online_student diversity gap lever report.
+# teacher_data offline online_teacher online_student diversity gap lever
+# lever_seeds report.
 # gap: the teacher's own golden KL G_T (teacher_gap.gin); lever: issue 24's
-# teacher-size student, offline on 128 samples and online (lever_*.gin).
+# teacher-size student, offline on 128 and 32 samples, online, and the diversity
+# ablation at 32 (lever_*.gin); lever_seeds: seeds 1 and 2 of the 32-sample cell
+# and of the online run.
 # Finished stages are skipped (training runs resume from their checkpoints;
 # existing datasets are kept), so the script can be re-run after an interruption.
 # Outputs: runs/teacher_hacking/{oracle,teacher,student_sft,offline,...} (each
@@ -60,7 +63,19 @@ stage() {
       train lever_offline
       train lever_online_teacher
       generate teacher_p32_g1 "$ROOT/teacher" train 32 1
-      train lever_offline_p32 ;;
+      train lever_offline_p32
+      generate teacher_p16_g2 "$ROOT/teacher" train 16 2
+      generate teacher_p8_g4 "$ROOT/teacher" train 8 4
+      train lever_diversity_p16_g2
+      train lever_diversity_p8_g4 ;;
+    lever_seeds)  # seeds 1 and 2 of the 32-sample cell and of its online counterpart
+      for seed in 1 2; do
+        for run in lever_offline_p32 lever_online_teacher; do
+          echo "== $run seed $seed"
+          $PY -m posttrain_jax.main --gin_file="$GIN/$run.gin" --gin.distill.seed=$seed \
+            "--gin.RUN_DIR='$ROOT/${run}_seed$seed'"
+        done
+      done ;;
     report)
       $PY tools/plot_teacher_hacking.py --root "$ROOT" --out_dir docs/experiments ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -70,6 +85,6 @@ stage() {
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
   STAGES=(oracle oracle_data teacher student_sft teacher_data offline online_teacher
-          online_student diversity gap lever report)
+          online_student diversity gap lever lever_seeds report)
 fi
 for s in "${STAGES[@]}"; do stage "$s"; done
