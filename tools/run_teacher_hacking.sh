@@ -9,8 +9,8 @@
 # lever_seeds report.
 # gap: the teacher's own golden KL G_T (teacher_gap.gin); lever: issue 24's
 # teacher-size student, offline on 128 and 32 samples, online, and the diversity
-# ablation at 32 (lever_*.gin); lever_seeds: seeds 1 and 2 of the 32-sample cell
-# and of the online run.
+# ablation at 32 (lever_*.gin); lever_seeds: seeds 1 and 2 of the 32- and
+# 128-sample cells and of the online run.
 # Finished stages are skipped (training runs resume from their checkpoints;
 # existing datasets are kept), so the script can be re-run after an interruption.
 # Outputs: runs/teacher_hacking/{oracle,teacher,student_sft,offline,...} (each
@@ -68,9 +68,9 @@ stage() {
       generate teacher_p8_g4 "$ROOT/teacher" train 8 4
       train lever_diversity_p16_g2
       train lever_diversity_p8_g4 ;;
-    lever_seeds)  # seeds 1 and 2 of the 32-sample cell and of its online counterpart
+    lever_seeds)  # seeds 1 and 2 of the 32- and 128-sample cells and the online run
       for seed in 1 2; do
-        for run in lever_offline_p32 lever_online_teacher; do
+        for run in lever_offline_p32 lever_online_teacher lever_offline; do
           echo "== $run seed $seed"
           $PY -m posttrain_jax.main --gin_file="$GIN/$run.gin" --gin.distill.seed=$seed \
             "--gin.RUN_DIR='$ROOT/${run}_seed$seed'"
