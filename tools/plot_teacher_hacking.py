@@ -151,22 +151,19 @@ def main(argv=None) -> int:
     if name in runs:
       print(summary_row(name, runs[name]))
   for name in LEVER:
-    line = seed_summary(args.root, name)
+    line = seed_summary(args.root, name, runs.get(name))
     if line:
       print(line)
   return 0
 
 
-def seed_summary(root: str, name: str) -> str | None:
+def seed_summary(root: str, name: str, first=None) -> str | None:
   """Mean +- standard error over seeds (runs NAME, NAME_seed1, ...) of the end -
   start change of golden and proxy, and of golden's rise after its minimum
-  (step > 0); None with fewer than 2 seeds."""
-  dirs = [os.path.join(root, name)] + sorted(
-      os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
-      if d.startswith(name + "_seed"))
+  (step > 0); None with fewer than 2 seeds. `first`: NAME's curves, if read."""
+  seeds = sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith(name + "_seed"))
   deltas = []
-  for d in dirs:
-    c = curves(d) if os.path.isdir(d) else {}
+  for c in [first or {}] + [curves(d) for d in seeds]:
     if "eval/golden_kl" not in c or "eval/proxy_kl" not in c or len(c["eval/golden_kl"][1]) < 2:
       continue  # not run, or only its step-0 evaluation so far
     gv, pv = c["eval/golden_kl"][1], c["eval/proxy_kl"][1]

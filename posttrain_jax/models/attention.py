@@ -248,6 +248,12 @@ def init_kv_cache(batch: int, length: int, num_kv_heads: int, head_dim: int,
           "v": jnp.zeros((batch, num_kv_heads, length, head_dim), dtype)}
 
 
+def to_cache_layout(key: Array, value: Array) -> tuple[Array, Array]:
+  """[b, t, kv_heads, d] keys/values -> keys [b, kv_heads, d, t], values [b,
+  kv_heads, t, d]: the KV cache's layout, which reference_attention reads."""
+  return jnp.transpose(key, (0, 2, 3, 1)), jnp.swapaxes(value, 1, 2)
+
+
 def write_cache(cache: dict[str, Array], key: Array, value: Array,
                 info: CacheInfo) -> dict[str, Array]:
   """Writes keys/values [b, t, kv_heads, d] of positions index..index+t-1.
@@ -256,8 +262,8 @@ def write_cache(cache: dict[str, Array], key: Array, value: Array,
   gemma2.init_cache) keeps position p in slot p mod slots: one token at a time
   (decoding), or a fresh prefill, whose last `slots` tokens are kept.
   """
-  key = jnp.transpose(key, (0, 2, 3, 1)).astype(cache["k"].dtype)     # [b, k, d, t]
-  value = jnp.swapaxes(value, 1, 2).astype(cache["v"].dtype)          # [b, k, t, d]
+  key, value = to_cache_layout(key, value)
+  key, value = key.astype(cache["k"].dtype), value.astype(cache["v"].dtype)
   slots, t = cache["k"].shape[-1], key.shape[-1]
   index = info.index
   if slots < info.segment_ids.shape[1]:  # ring buffer
@@ -300,8 +306,9 @@ class Attention(nn.Module):
 
   Without a cache it attends within the given tokens (training, scoring). With
   `cache` (init_kv_cache) and `cache_info` it writes the new keys/values at
-  cache_info.index and attends over the whole cache (prefill when T > 1,
-  decode when T == 1), returning (output, updated_cache).
+  cache_info.index (write_cache) and attends over the cache's slots (a local
+  layer's ring buffer holds its window), or, for a fresh prefill, among the new
+  tokens; it returns (output, updated_cache).
   """
 
   config: ModelConfig
@@ -351,8 +358,7 @@ class Attention(nn.Module):
       out = self._kernel_attention(q, key, value, segment_ids, window, length)
       if out is None:
         q_index = jnp.arange(length, dtype=jnp.int32)
-        out = reference_attention(q, jnp.transpose(key, (0, 2, 3, 1)),
-                                  jnp.swapaxes(value, 1, 2), q_index, q_index,
+        out = reference_attention(q, *to_cache_layout(key, value), q_index, q_index,
                                   segment_ids, segment_ids, window,
                                   cfg.attn_logits_soft_cap)
     else:

@@ -316,7 +316,7 @@ class ConditionedPolicy:
     squeeze = lambda t: jax.tree.map(lambda a: jnp.squeeze(a, cache_axis), t)
 
     def one(p, tok, pos, seg, c, cache_segments):
-      info = None if c is None else CacheInfo(cache_info.index, cache_segments[None], cache_info.fresh)
+      info = None if c is None else cache_info.replace(segment_ids=cache_segments[None])
       out = self.model.apply({"params": p}, tok[None], positions=pos[None],
                              segment_ids=seg[None], cache=None if c is None else expand(c),
                              cache_info=info, last_logits_only=last_logits_only)
