@@ -10,11 +10,15 @@ each distillation run under --root, writes
   teacher_hacking_diversity.png  the same for the prompts x generations ablation
   teacher_hacking_lever.png      issue 24's lever cells (teacher-size student,
                                  128 x 1 and 32 x 1 offline vs online), when run
+  teacher_hacking_lever2.png     issue 24's second round (constant learning
+                                 rate; the weak teacher), when run
 
 and prints a markdown table: the training loss (per-token forward KL on the
 training batches), start / minimum / final golden and proxy, the
 step of the golden minimum, and the hacking detector's verdict on the proxy
-and golden curves (posttrain_jax/distillation/hacking_detector.py).
+and golden curves (posttrain_jax/distillation/hacking_detector.py); then, for
+runs that saved per-prompt values (eval_per_prompt/), the golden turn and the
+proxy over the same steps with paired standard errors (`paired_turn`).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ if _TOOLS not in sys.path:
 import numpy as np
 
 from detect_hacking import read_curve  # also puts the repo root on sys.path
+from posttrain_jax.distillation import eval as eval_lib
 from posttrain_jax.distillation import hacking_detector
 
 SOURCES = ("offline", "online_teacher", "online_student")
 DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")
 LEVER = ("lever_offline", "lever_offline_p32", "lever_online_teacher")
 LEVER_DIVERSITY = ("lever_offline_p32", "lever_diversity_p16_g2", "lever_diversity_p8_g4")
+LEVER2 = ("const_offline_p32", "weak_offline", "weak_offline_p32", "weak_online_teacher")
 LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teacher",
           "online_student": "online student",
           "diversity_p256_g2": "offline (256 prompts x 2)",
@@ -45,7 +51,13 @@ LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teac
           "lever_offline_p32": "lever: teacher-size student, offline (32 x 1)",
           "lever_online_teacher": "lever: teacher-size student, online teacher",
           "lever_diversity_p16_g2": "lever: offline (16 x 2)",
-          "lever_diversity_p8_g4": "lever: offline (8 x 4)"}
+          "lever_diversity_p8_g4": "lever: offline (8 x 4)",
+          "const_offline_p32": "constant LR: offline (32 x 1)",
+          "weak_offline": "weak teacher: offline (128 x 1)",
+          "weak_offline_p32": "weak teacher: offline (32 x 1)",
+          "weak_online_teacher": "weak teacher: online teacher"}
+GAPS = {"teacher_gap": "teacher", "weak_gap": "weak teacher"}
+ALL = tuple(dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY + LEVER2))
 
 
 def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -116,7 +128,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out_dir", default="docs/experiments")
   args = parser.parse_args(argv)
   runs = {}
-  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY):
+  for name in ALL:
     d = os.path.join(args.root, name)
     if os.path.isdir(d):
       c = curves(d)
@@ -134,27 +146,67 @@ def main(argv=None) -> int:
       (LEVER, "Teacher hacking, issue 24 levers: teacher-size student, offline 128 x 1 and "
        "32 x 1 vs online", "teacher_hacking_lever.png"),
       (LEVER_DIVERSITY, "Teacher hacking, issue 24: prompts x generations at a fixed budget "
-       "of 32", "teacher_hacking_lever_diversity.png"))
+       "of 32", "teacher_hacking_lever_diversity.png"),
+      (LEVER2, "Teacher hacking, issue 24 second round: constant LR, weak teacher",
+       "teacher_hacking_lever2.png"))
   for names, title, png in groups:
     if any(name in runs for name in names):  # a group not run keeps its old figure
       plot(runs, names, title, os.path.join(args.out_dir, png))
-  gap_dir = os.path.join(args.root, "teacher_gap")
-  gap = curves(gap_dir) if os.path.isdir(gap_dir) else {}
-  if "eval/golden_kl" in gap:
-    print(f"G_T = KL(oracle || teacher) = {gap['eval/golden_kl'][1][0]:.2f} nats per sequence "
-          f"(proxy check KL(teacher || teacher) = {gap['eval/proxy_kl'][1][0]:.2f})\n")
+  for gap_name, who in GAPS.items():
+    gap_dir = os.path.join(args.root, gap_name)
+    gap = curves(gap_dir) if os.path.isdir(gap_dir) else {}
+    if "eval/golden_kl" in gap:
+      print(f"G_T of the {who} = KL(oracle || {who}) = {gap['eval/golden_kl'][1][0]:.2f} "
+            f"nats per sequence (proxy check {gap['eval/proxy_kl'][1][0]:.2f})\n")
   print("| run | train loss (first -> last logged) | proxy: start -> end (min) "
         "| golden: start -> end | golden minimum | golden rise after min "
         "| detector (proxy) | detector (golden) |")
   print("|---|---|---|---|---|---|---|---|")
-  for name in dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY):
+  for name in ALL:
     if name in runs:
       print(summary_row(name, runs[name]))
-  for name in LEVER:
+  for name in LEVER + LEVER2:
     line = seed_summary(args.root, name, runs.get(name))
     if line:
       print(line)
+  rows = [(name, turn) for name in ALL
+          if (turn := paired_turn(os.path.join(args.root, name))) is not None]
+  if rows:
+    print("\nPaired over the same evaluation samples (eval_per_prompt/; value +- paired "
+          "standard error, nats per sequence):\n")
+    print("| run | golden minimum (step) | golden end - minimum | proxy change over the "
+          "same steps | golden end - start | proxy end - start |")
+    print("|---|---|---|---|---|---|")
+    for name, t in rows:
+      print(f"| {LABELS.get(name, name)} | {t['golden_min']:.2f} ({t['min_step']}) "
+            f"| {t['rise']:+.2f} +- {t['rise_se']:.2f} "
+            f"| {t['proxy_after']:+.2f} +- {t['proxy_after_se']:.2f} "
+            f"| {t['golden_change']:+.2f} +- {t['golden_change_se']:.2f} "
+            f"| {t['proxy_change']:+.2f} +- {t['proxy_change_se']:.2f} |")
   return 0
+
+
+def paired_turn(run_dir: str) -> dict | None:
+  """The golden curve's turn, paired: from the per-prompt values the run saved at
+  each evaluation, the golden minimum over steps > 0, golden's rise from it to the
+  end and the proxy's change over the same steps (hacking: the first > 0 while
+  the second < 0, each beyond its paired standard error), and both end - start
+  changes. None for runs without per-prompt values."""
+  saved = eval_lib.load_per_prompt(run_dir)
+  steps = [s for s in saved if "golden" in saved[s] and "proxy" in saved[s]]
+  if len(steps) < 3 or steps[0] != 0:
+    return None
+  golden = {s: saved[s]["golden"] for s in steps}
+  proxy = {s: saved[s]["proxy"] for s in steps}
+  m = min(steps[1:], key=lambda s: golden[s].mean())
+  first, last = steps[0], steps[-1]
+  d = lambda v, a, b: (float((v[b] - v[a]).mean()), eval_lib.paired_stderr(v[b], v[a]))
+  (rise, rise_se), (pa, pa_se) = d(golden, m, last), d(proxy, m, last)
+  (gc, gc_se), (pc, pc_se) = d(golden, first, last), d(proxy, first, last)
+  return {"golden_min": float(golden[m].mean()), "min_step": m, "rise": rise,
+          "rise_se": rise_se, "proxy_after": pa, "proxy_after_se": pa_se,
+          "golden_change": gc, "golden_change_se": gc_se, "proxy_change": pc,
+          "proxy_change_se": pc_se}
 
 
 def seed_summary(root: str, name: str, first=None) -> str | None:

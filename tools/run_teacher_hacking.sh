@@ -6,11 +6,13 @@
 #
 # Stages (default: all, in order): oracle oracle_data teacher student_sft
 # teacher_data offline online_teacher online_student diversity gap lever
-# lever_seeds report.
+# lever_seeds lever2 report.
 # gap: the teacher's own golden KL G_T (teacher_gap.gin); lever: issue 24's
 # teacher-size student, offline on 128 and 32 samples, online, and the diversity
 # ablation at 32 (lever_*.gin); lever_seeds: seeds 1 and 2 of the 32- and
-# 128-sample cells and of the online run.
+# 128-sample cells and of the online run; lever2: the second round (constant
+# learning rate, constant_lr.gin; the weak teacher, teacher_weak.gin, and its
+# G_T, offline and online cells).
 # Finished stages are skipped (training runs resume from their checkpoints;
 # existing datasets are kept), so the script can be re-run after an interruption.
 # Outputs: runs/teacher_hacking/{oracle,teacher,student_sft,offline,...} (each
@@ -76,6 +78,18 @@ stage() {
             "--gin.RUN_DIR='$ROOT/${run}_seed$seed'"
         done
       done ;;
+    lever2)  # issue 24, second round: constant LR and the weak teacher
+      train lever_student_sft
+      generate teacher_p32_g1 "$ROOT/teacher" train 32 1
+      train const_offline_p32
+      generate oracle_p375_g4 "$ROOT/oracle" train 375 4
+      train teacher_weak
+      train weak_gap
+      generate weak_p128_g1 "$ROOT/teacher_weak" train 128 1
+      generate weak_p32_g1 "$ROOT/teacher_weak" train 32 1
+      train weak_offline
+      train weak_online_teacher
+      train weak_offline_p32 ;;
     report)
       $PY tools/plot_teacher_hacking.py --root "$ROOT" --out_dir docs/experiments ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -85,6 +99,6 @@ stage() {
 STAGES=("$@")
 if [ ${#STAGES[@]} -eq 0 ]; then
   STAGES=(oracle oracle_data teacher student_sft teacher_data offline online_teacher
-          online_student diversity gap lever lever_seeds report)
+          online_student diversity gap lever lever_seeds lever2 report)
 fi
 for s in "${STAGES[@]}"; do stage "$s"; done

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -63,6 +64,18 @@ class ProxyGoldenEvaluator:
   params)}; any name works, each gives metrics "<name>_kl" (Monte Carlo),
   "<name>_kl_token_sum" (the exact per-token KL summed over each sequence; nats per
   sequence, like "<name>_kl") and "<name>_kl_stderr".
+
+  Paired errors: every evaluation scores the same samples, so a change of the
+  metric between two evaluations is a mean of per-prompt differences, whose
+  standard error is far below that of either value. "<name>_kl_change_stderr"
+  is the standard error of (this evaluation - the first one of this process);
+  "<name>_kl_rise" and "<name>_kl_rise_stderr" are this evaluation minus the
+  lowest one so far (of this process; a resumed run starts afresh) and the
+  paired standard error of that rise. A rise larger than a few of its standard
+  errors is a real turn of the curve, not a re-draw of the prompts.
+  `per_prompt` holds the last call's per-prompt values ({name: [num_prompts]}),
+  which the distillation job saves per evaluation so that any two evaluations
+  can be compared pairwise afterwards (`paired_stderr`).
   """
 
   def __init__(self, student_config: ModelConfig,
@@ -89,6 +102,9 @@ class ProxyGoldenEvaluator:
     real = (np.arange(rows) < n).astype(np.float32)
     self.num_prompts = n
     self.samples = {}  # name -> list of per-batch dicts of global arrays
+    self._first = {}  # name -> per-prompt values of the first evaluation
+    self._lowest = {}  # name -> (mean, per-prompt values) of the lowest so far
+    self.per_prompt = {}  # name -> per-prompt Monte Carlo values of the last call
     self._score = {}
     models = {name: _model_shardings(config, mesh, rules)
               for name, (config, _) in references.items()}
@@ -118,12 +134,14 @@ class ProxyGoldenEvaluator:
     metrics = {}
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for name, (params, batches) in self.samples.items():
-        totals = None
+        totals, per_prompt = None, []
         for b in batches:
           sums = self._score[name](student_params, params, b["tokens"], b["positions"],
                                    b["segments"], b["mask"])
+          per_prompt.append(sums.pop("mc"))
           totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
+        values = np.concatenate(jax.device_get(per_prompt))[:self.num_prompts]
         count = float(totals["count"])
         mean = float(totals["mc_sum"]) / count
         var = max(float(totals["mc_sum_sq"]) / count - mean ** 2, 0.0) * count / max(
@@ -131,7 +149,23 @@ class ProxyGoldenEvaluator:
         metrics[f"{name}_kl"] = mean
         metrics[f"{name}_kl_stderr"] = float(np.sqrt(var / count))
         metrics[f"{name}_kl_token_sum"] = float(totals["per_token_sum"]) / count
+        self.per_prompt[name] = values
+        first = self._first.setdefault(name, values)
+        if name not in self._lowest or mean < self._lowest[name][0]:
+          self._lowest[name] = (mean, values)
+        lowest_mean, lowest = self._lowest[name]
+        metrics[f"{name}_kl_change_stderr"] = paired_stderr(values, first)
+        metrics[f"{name}_kl_rise"] = mean - lowest_mean
+        metrics[f"{name}_kl_rise_stderr"] = paired_stderr(values, lowest)
     return metrics
+
+
+def paired_stderr(values: np.ndarray, reference: np.ndarray) -> float:
+  """Standard error of mean(values - reference) over prompts (paired samples)."""
+  diff = np.asarray(values, np.float64) - np.asarray(reference, np.float64)
+  if diff.size < 2:
+    return 0.0
+  return float(np.std(diff, ddof=1) / np.sqrt(diff.size))
 
 
 def _score_sums(student: Transformer, reference: Transformer, student_params,
@@ -145,4 +179,31 @@ def _score_sums(student: Transformer, reference: Transformer, student_params,
   real = (jnp.sum(mask, axis=-1) > 0).astype(jnp.float32)
   mc, per_token = kl["mc"]["per_sequence"], kl["per_token"]["per_sequence"]
   return {"mc_sum": jnp.sum(real * mc), "mc_sum_sq": jnp.sum(real * mc ** 2),
-          "per_token_sum": jnp.sum(real * per_token), "count": jnp.sum(real)}
+          "per_token_sum": jnp.sum(real * per_token), "count": jnp.sum(real),
+          "mc": mc}
+
+
+PER_PROMPT_DIR = "eval_per_prompt"
+
+
+def save_per_prompt(run_dir: str, step: int, values: dict) -> None:
+  """Writes RUN_DIR/eval_per_prompt/step_<step>.npz ({metric name: per-prompt
+  values}) atomically, for paired comparisons of two evaluations afterwards."""
+  out = os.path.join(run_dir, PER_PROMPT_DIR)
+  os.makedirs(out, exist_ok=True)
+  tmp = os.path.join(out, f".step_{step}.tmp.npz")
+  np.savez(tmp, **{k: np.asarray(v) for k, v in values.items()})
+  os.replace(tmp, os.path.join(out, f"step_{step}.npz"))
+
+
+def load_per_prompt(run_dir: str) -> dict[int, dict[str, np.ndarray]]:
+  """{step: {metric name: per-prompt values}} saved by `save_per_prompt`."""
+  out = os.path.join(run_dir, PER_PROMPT_DIR)
+  if not os.path.isdir(out):
+    return {}
+  steps = {}
+  for f in os.listdir(out):
+    if f.startswith("step_") and f.endswith(".npz"):
+      with np.load(os.path.join(out, f)) as z:
+        steps[int(f[len("step_"):-len(".npz")])] = {k: z[k] for k in z.files}
+  return dict(sorted(steps.items()))

@@ -214,3 +214,40 @@ def test_teacher_equal_to_oracle_gives_identical_proxy_and_golden():
                               max_new_tokens=6, batch_size=8, mesh=trainer.mesh)
   zero = same(teacher)
   assert abs(zero["proxy_kl"]) < 1e-4 and abs(zero["proxy_kl_token_sum"]) < 1e-4
+
+
+def test_paired_errors_track_change_and_rise_over_the_same_samples():
+  trainer = make_trainer()
+  teacher = trainer.init_teacher(jax.random.key(1))
+  prompts = [list(range(2, 2 + n)) for n in (1, 3, 5, 2, 4)]
+  evaluator = ProxyGoldenEvaluator(
+      STUDENT, {"golden": (TEACHER, teacher)}, prompts,
+      max_new_tokens=6, batch_size=8, mesh=trainer.mesh, seed=0)
+  a = trainer.init_state(jax.random.key(0)).params
+  b = trainer.init_state(jax.random.key(3)).params
+  first = evaluator(a)
+  assert first["golden_kl_change_stderr"] == 0.0
+  assert first["golden_kl_rise"] == 0.0 and first["golden_kl_rise_stderr"] == 0.0
+  other = evaluator(b)
+  assert other["golden_kl_change_stderr"] > 0.0
+  # Scored on the same samples, the paired error of the change is below the
+  # unpaired error of either evaluation combined in quadrature.
+  assert other["golden_kl_change_stderr"] < np.hypot(first["golden_kl_stderr"],
+                                                    other["golden_kl_stderr"])
+  worse, better = (b, a) if other["golden_kl"] > first["golden_kl"] else (a, b)
+  low = min(first["golden_kl"], other["golden_kl"])
+  again = evaluator(worse)  # the lowest so far is `better`'s evaluation
+  assert again["golden_kl_rise"] == pytest.approx(max(first["golden_kl"],
+                                                      other["golden_kl"]) - low)
+  assert again["golden_kl_rise"] > 0 and again["golden_kl_rise_stderr"] > 0
+  assert evaluator(better)["golden_kl_rise"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_paired_stderr_is_the_standard_error_of_the_differences():
+  from posttrain_jax.distillation.eval import paired_stderr
+  values, reference = np.array([3.0, 5.0, 4.0, 8.0]), np.array([1.0, 4.0, 4.0, 5.0])
+  diff = values - reference
+  assert paired_stderr(values, reference) == pytest.approx(
+      np.std(diff, ddof=1) / 2.0)
+  assert paired_stderr(values + 7.0, values) == 0.0  # a shift of every prompt is exact
+  assert paired_stderr(values[:1], reference[:1]) == 0.0

@@ -11,6 +11,7 @@ import pytest
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.data.dataset_config import PromptConfig
+from posttrain_jax.distillation import eval as eval_lib
 from posttrain_jax.jobs.distill import distill
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.models import params_checkpoint
@@ -68,6 +69,16 @@ def test_mixture_runs_evaluates_and_resumes_exactly(models, tmp_path):
   for k in ("proxy_kl", "proxy_kl_token_sum", "golden_kl", "golden_kl_token_sum"):
     assert np.isfinite(metrics[k]) and metrics[k] > 0, k
   assert sum(full.source_counts.values()) == 4
+  # Per-prompt values of every evaluation, saved for paired comparisons; their
+  # mean is the logged metric.
+  saved = eval_lib.load_per_prompt(str(tmp_path / "full"))
+  assert sorted(saved) == [0, 2, 4]
+  assert saved[4]["golden"].shape == (8,)
+  np.testing.assert_allclose(saved[4]["golden"].mean(), metrics["golden_kl"], rtol=1e-5)
+  np.testing.assert_allclose(saved[4]["proxy"].mean(), metrics["proxy_kl"], rtol=1e-5)
+  np.testing.assert_allclose(
+      eval_lib.paired_stderr(saved[4]["golden"], saved[0]["golden"]),
+      metrics["golden_kl_change_stderr"], rtol=1e-5)
   # Stop after 2 steps, resume to 4: same losses and metrics as the single run.
   part = run(models, tmp_path / "split", 2, sources)
   rest = run(models, tmp_path / "split", 4, sources)

@@ -40,6 +40,21 @@ def test_table_and_plots_from_event_files(tmp_path):
           if s:
             w.write_scalars(s, {{"loss": 1.0 / t ** 0.3}})
         w.flush(); w.close()
+      # weak_offline: per-prompt values (eval_per_prompt/) with prompt offsets far
+      # larger than the step-to-step noise; golden turns up after step 300 by 3.0
+      # while proxy keeps falling by 0.01 a step.
+      import numpy as np
+      from posttrain_jax.distillation import eval as eval_lib
+      run = os.path.join({str(root)!r}, "weak_offline")
+      w = metric_writers.create_default_writer(run)
+      offsets = np.random.default_rng(0).normal(0.0, 10.0, 64)
+      for s in range(0, 601, 50):
+        noise = np.random.default_rng(s + 1).normal(0.0, 0.1, (2, 64))
+        golden = 40.0 + offsets + abs(s - 300) / 100.0 + noise[0]
+        proxy = 30.0 + offsets - 0.01 * s + noise[1]
+        eval_lib.save_per_prompt(run, s, {{"golden": golden, "proxy": proxy}})
+        w.write_scalars(s, {{"eval/proxy_kl": proxy.mean(), "eval/golden_kl": golden.mean()}})
+      w.flush(); w.close()
   """)
   subprocess.run([sys.executable, "-c", script], check=True, env=_env(), timeout=300)
   out = tmp_path / "out"
@@ -57,10 +72,19 @@ def test_table_and_plots_from_event_files(tmp_path):
   assert "(stderr 1.50)" in offline[6]
   lever = rows["lever: teacher-size student, offline (128 x 1)"].split("|")
   assert lever[8].strip().startswith("step")
-  assert "G_T = KL(oracle || teacher) = 17.25 nats per sequence" in proc.stdout
+  assert "G_T of the teacher = KL(oracle || teacher) = 17.25 nats per sequence" in proc.stdout
+  paired = [line for line in proc.stdout.splitlines()
+            if line.startswith("| weak teacher: offline (128 x 1)")]
+  assert len(paired) == 2  # the summary row and the paired row
+  cells = paired[1].split("|")
+  assert "(300)" in cells[2]                             # golden minimum at step 300
+  rise, rise_se = float(cells[3].split()[0]), float(cells[3].split()[2])
+  assert abs(rise - 3.0) < 0.1 and rise_se < 0.1         # paired: offsets cancel
+  after, after_se = float(cells[4].split()[0]), float(cells[4].split()[2])
+  assert abs(after + 3.0) < 0.1 and after_se < 0.1       # proxy still falling
   assert "offline (32 x 1), 2 seeds: golden end - start +2.00 +- 1.00" in proc.stdout
   for png in ("teacher_hacking_sources.png", "teacher_hacking_diversity.png",
-              "teacher_hacking_lever.png"):
+              "teacher_hacking_lever.png", "teacher_hacking_lever2.png"):
     assert (out / png).stat().st_size > 10_000
 
 
