@@ -12,6 +12,9 @@ each distillation run under --root, writes
                                  128 x 1 and 32 x 1 offline vs online), when run
   teacher_hacking_lever2.png     issue 24's second round (constant learning
                                  rate; the weak teacher), when run
+  teacher_hacking_const_diversity.png  the diversity ablation under it
+  teacher_hacking_headline.png   offline 32 x 1 vs online teacher under the
+                                 constant learning rate, mean +- s.e. over seeds
 
 and prints a markdown table: the training loss (per-token forward KL on the
 training batches), start / minimum / final golden and proxy, the
@@ -42,7 +45,8 @@ SOURCES = ("offline", "online_teacher", "online_student")
 DIVERSITY = ("offline", "diversity_p256_g2", "diversity_p128_g4")
 LEVER = ("lever_offline", "lever_offline_p32", "lever_online_teacher")
 LEVER_DIVERSITY = ("lever_offline_p32", "lever_diversity_p16_g2", "lever_diversity_p8_g4")
-LEVER2 = ("const_offline_p32", "weak_offline", "weak_offline_p32", "weak_online_teacher")
+LEVER2 = ("const_offline_p32", "const_offline_p64", "const_online_teacher", "weak_offline",
+          "weak_offline_p32", "weak_online_teacher")
 LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teacher",
           "online_student": "online student",
           "diversity_p256_g2": "offline (256 prompts x 2)",
@@ -53,11 +57,20 @@ LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teac
           "lever_diversity_p16_g2": "lever: offline (16 x 2)",
           "lever_diversity_p8_g4": "lever: offline (8 x 4)",
           "const_offline_p32": "constant LR: offline (32 x 1)",
+          "const_offline_p64": "constant LR: offline (64 x 1)",
+          "const_online_teacher": "constant LR: online teacher",
           "weak_offline": "weak teacher: offline (128 x 1)",
           "weak_offline_p32": "weak teacher: offline (32 x 1)",
           "weak_online_teacher": "weak teacher: online teacher"}
 GAPS = {"teacher_gap": "teacher", "weak_gap": "weak teacher"}
-ALL = tuple(dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY + LEVER2))
+CONST_DIVERSITY = ("const_offline_p32", "const_diversity_p16_g2", "const_diversity_p8_g4")
+LABELS.update({"const_diversity_p16_g2": "constant LR: offline (16 x 2)",
+               "const_diversity_p8_g4": "constant LR: offline (8 x 4)"})
+# The headline figure: the configuration that shows hacking against its online
+# counterpart, every seed (runs NAME, NAME_seed1, ...), mean +- standard error.
+HEADLINE = ("const_offline_p32", "const_online_teacher")
+ALL = tuple(dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY + LEVER2
+                          + CONST_DIVERSITY))
 
 
 def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -148,7 +161,9 @@ def main(argv=None) -> int:
       (LEVER_DIVERSITY, "Teacher hacking, issue 24: prompts x generations at a fixed budget "
        "of 32", "teacher_hacking_lever_diversity.png"),
       (LEVER2, "Teacher hacking, issue 24 second round: constant LR, weak teacher",
-       "teacher_hacking_lever2.png"))
+       "teacher_hacking_lever2.png"),
+      (CONST_DIVERSITY, "Teacher hacking, issue 24: prompts x generations at a budget of 32, "
+       "constant LR", "teacher_hacking_const_diversity.png"))
   for names, title, png in groups:
     if any(name in runs for name in names):  # a group not run keeps its old figure
       plot(runs, names, title, os.path.join(args.out_dir, png))
@@ -165,7 +180,11 @@ def main(argv=None) -> int:
   for name in ALL:
     if name in runs:
       print(summary_row(name, runs[name]))
-  for name in LEVER + LEVER2:
+  if any(name in runs for name in HEADLINE):
+    plot_seeds(args.root, HEADLINE, "Teacher hacking at CPU scale: offline 32 x 1 vs online "
+               "teacher (constant LR; mean +- standard error over seeds)",
+               os.path.join(args.out_dir, "teacher_hacking_headline.png"))
+  for name in LEVER + LEVER2 + CONST_DIVERSITY[1:]:
     line = seed_summary(args.root, name, runs.get(name))
     if line:
       print(line)
@@ -209,11 +228,59 @@ def paired_turn(run_dir: str) -> dict | None:
           "proxy_change_se": pc_se}
 
 
+def seed_dirs(root: str, name: str) -> list[str]:
+  """NAME's run directory and its seeds' (NAME_seed1, ...), those that exist."""
+  dirs = [os.path.join(root, name)] + sorted(
+      os.path.join(root, d) for d in os.listdir(root) if d.startswith(name + "_seed"))
+  return [d for d in dirs if os.path.isdir(d)]
+
+
+def plot_seeds(root: str, names, title: str, path: str) -> None:
+  """proxy vs step, golden vs step (G_T dashed) and golden vs proxy, each run's
+  mean over its seeds with a +- standard error band, on the steps all seeds
+  evaluated."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for name in names:
+    seeds = [c for c in map(curves, seed_dirs(root, name))
+             if "eval/proxy_kl" in c and "eval/golden_kl" in c]
+    if not seeds:
+      continue
+    common = sorted(set.intersection(*(set(c["eval/golden_kl"][0].tolist()) for c in seeds)))
+    stats = {}
+    for tag in ("eval/proxy_kl", "eval/golden_kl"):
+      v = np.array([[dict(zip(*c[tag]))[s] for s in common] for c in seeds])
+      se = v.std(0, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.zeros(len(common))
+      stats[tag] = (v.mean(0), se)
+    label = f"{LABELS.get(name, name)} ({len(seeds)} seeds)"
+    for ax, tag in zip(axes[:2], ("eval/proxy_kl", "eval/golden_kl")):
+      mean, se = stats[tag]
+      line, = ax.plot(common, mean, marker=".", label=label)
+      ax.fill_between(common, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+    axes[2].plot(stats["eval/proxy_kl"][0], stats["eval/golden_kl"][0], marker=".", label=label)
+  gap = curves(os.path.join(root, "teacher_gap")) if os.path.isdir(
+      os.path.join(root, "teacher_gap")) else {}
+  if "eval/golden_kl" in gap:
+    axes[1].axhline(gap["eval/golden_kl"][1][0], color="gray", ls="--", label="G_T (teacher)")
+  axes[0].set(title="proxy = KL(teacher || student)", xlabel="step", ylabel="nats / sequence")
+  axes[1].set(title="golden = KL(oracle || student)", xlabel="step", ylabel="nats / sequence")
+  axes[2].set(title="golden vs proxy", xlabel="proxy", ylabel="golden")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def seed_summary(root: str, name: str, first=None) -> str | None:
   """Mean +- standard error over seeds (runs NAME, NAME_seed1, ...) of the end -
   start change of golden and proxy, and of golden's rise after its minimum
   (step > 0); None with fewer than 2 seeds. `first`: NAME's curves, if read."""
-  seeds = sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith(name + "_seed"))
+  seeds = [d for d in seed_dirs(root, name) if d != os.path.join(root, name)]
   deltas = []
   for c in [first or {}] + [curves(d) for d in seeds]:
     if "eval/golden_kl" not in c or "eval/proxy_kl" not in c or len(c["eval/golden_kl"][1]) < 2:

@@ -23,7 +23,8 @@ def test_table_and_plots_from_event_files(tmp_path):
       import os
       from clu import metric_writers
       for name in ("offline", "online_teacher", "lever_offline", "teacher_gap",
-                   "lever_offline_p32", "lever_offline_p32_seed1"):
+                   "lever_offline_p32", "lever_offline_p32_seed1", "const_offline_p32",
+                   "const_offline_p32_seed1", "const_online_teacher"):
         w = metric_writers.create_default_writer(os.path.join({str(root)!r}, name))
         for s in range(0, 1001, 50):
           t = max(s, 1)
@@ -31,7 +32,8 @@ def test_table_and_plots_from_event_files(tmp_path):
           golden = 50.0 * t ** -0.15
           if name in ("offline", "lever_offline") and s > 300:
             golden = 50.0 * 300 ** -0.15 + 0.02 * (s - 300)
-          if name.startswith("lever_offline_p32"):  # seeds: golden +1 or +3 by the end
+          if name.startswith(("lever_offline_p32", "const_offline_p32")):
+            # seeds: golden +1 or +3 by the end
             golden = 40.0 + (1.0 if name.endswith("seed1") else 3.0) * s / 1000
           if name == "teacher_gap":
             proxy, golden = 0.0, 17.25
@@ -83,8 +85,10 @@ def test_table_and_plots_from_event_files(tmp_path):
   after, after_se = float(cells[4].split()[0]), float(cells[4].split()[2])
   assert abs(after + 3.0) < 0.1 and after_se < 0.1       # proxy still falling
   assert "offline (32 x 1), 2 seeds: golden end - start +2.00 +- 1.00" in proc.stdout
+  assert "constant LR: offline (32 x 1), 2 seeds: golden end - start +2.00" in proc.stdout
   for png in ("teacher_hacking_sources.png", "teacher_hacking_diversity.png",
-              "teacher_hacking_lever.png", "teacher_hacking_lever2.png"):
+              "teacher_hacking_lever.png", "teacher_hacking_lever2.png",
+              "teacher_hacking_headline.png", "teacher_hacking_const_diversity.png"):
     assert (out / png).stat().st_size > 10_000
 
 
