@@ -193,11 +193,14 @@ def main(argv=None) -> int:
   if rows:
     print("\nPaired over the same evaluation samples (eval_per_prompt/; value +- paired "
           "standard error, nats per sequence):\n")
-    print("| run | golden minimum (step) | golden end - minimum | proxy change over the "
+    print("| run | golden maximum - start (step) | proxy change over the same steps "
+          "| golden minimum (step) | golden end - minimum | proxy change over the "
           "same steps | golden end - start | proxy end - start |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, t in rows:
-      print(f"| {LABELS.get(name, name)} | {t['golden_min']:.2f} ({t['min_step']}) "
+      print(f"| {LABELS.get(name, name)} | {t['up']:+.2f} +- {t['up_se']:.2f} ({t['max_step']}) "
+            f"| {t['proxy_up']:+.2f} +- {t['proxy_up_se']:.2f} "
+            f"| {t['golden_min']:.2f} ({t['min_step']}) "
             f"| {t['rise']:+.2f} +- {t['rise_se']:.2f} "
             f"| {t['proxy_after']:+.2f} +- {t['proxy_after_se']:.2f} "
             f"| {t['golden_change']:+.2f} +- {t['golden_change_se']:.2f} "
@@ -206,11 +209,13 @@ def main(argv=None) -> int:
 
 
 def paired_turn(run_dir: str) -> dict | None:
-  """The golden curve's turn, paired: from the per-prompt values the run saved at
-  each evaluation, the golden minimum over steps > 0, golden's rise from it to the
-  end and the proxy's change over the same steps (hacking: the first > 0 while
-  the second < 0, each beyond its paired standard error), and both end - start
-  changes. None for runs without per-prompt values."""
+  """The golden curve's turns, paired: from the per-prompt values the run saved at
+  each evaluation, golden's maximum and its rise from the start, with the proxy's
+  change over the same steps (early hacking: the first > 0 while the second
+  <= 0); the golden minimum over steps > 0, golden's rise from it to the end and
+  the proxy's change over the same steps (the paper's late hacking: the first >
+  0 while the second < 0, each beyond its paired standard error); and both end -
+  start changes. None for runs without per-prompt values."""
   saved = eval_lib.load_per_prompt(run_dir)
   steps = [s for s in saved if "golden" in saved[s] and "proxy" in saved[s]]
   if len(steps) < 3 or steps[0] != 0:
@@ -222,7 +227,10 @@ def paired_turn(run_dir: str) -> dict | None:
   d = lambda v, a, b: (float((v[b] - v[a]).mean()), eval_lib.paired_stderr(v[b], v[a]))
   (rise, rise_se), (pa, pa_se) = d(golden, m, last), d(proxy, m, last)
   (gc, gc_se), (pc, pc_se) = d(golden, first, last), d(proxy, first, last)
-  return {"golden_min": float(golden[m].mean()), "min_step": m, "rise": rise,
+  top = max(steps, key=lambda s: golden[s].mean())
+  (up, up_se), (pu, pu_se) = d(golden, first, top), d(proxy, first, top)
+  return {"max_step": top, "up": up, "up_se": up_se, "proxy_up": pu, "proxy_up_se": pu_se,
+          "golden_min": float(golden[m].mean()), "min_step": m, "rise": rise,
           "rise_se": rise_se, "proxy_after": pa, "proxy_after_se": pa_se,
           "golden_change": gc, "golden_change_se": gc_se, "proxy_change": pc,
           "proxy_change_se": pc_se}

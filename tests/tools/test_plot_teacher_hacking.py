@@ -79,11 +79,16 @@ def test_table_and_plots_from_event_files(tmp_path):
             if line.startswith("| weak teacher: offline (128 x 1)")]
   assert len(paired) == 2  # the summary row and the paired row
   cells = paired[1].split("|")
-  assert "(300)" in cells[2]                             # golden minimum at step 300
-  rise, rise_se = float(cells[3].split()[0]), float(cells[3].split()[2])
+  assert "(300)" in cells[4]                             # golden minimum at step 300
+  rise, rise_se = float(cells[5].split()[0]), float(cells[5].split()[2])
   assert abs(rise - 3.0) < 0.1 and rise_se < 0.1         # paired: offsets cancel
-  after, after_se = float(cells[4].split()[0]), float(cells[4].split()[2])
+  after, after_se = float(cells[6].split()[0]), float(cells[6].split()[2])
   assert abs(after + 3.0) < 0.1 and after_se < 0.1       # proxy still falling
+  # golden's maximum is the start or the end (both 3.0 above the minimum)
+  up, top = float(cells[2].split()[0]), cells[2].split()[-1]
+  assert abs(up) < 0.1 and top in ("(0)", "(600)")
+  proxy_up = float(cells[3].split()[0])                  # proxy over those steps
+  assert abs(proxy_up - (0.0 if top == "(0)" else -6.0)) < 0.1
   assert "offline (32 x 1), 2 seeds: golden end - start +2.00 +- 1.00" in proc.stdout
   assert "constant LR: offline (32 x 1), 2 seeds: golden end - start +2.00" in proc.stdout
   for png in ("teacher_hacking_sources.png", "teacher_hacking_diversity.png",
