@@ -105,7 +105,8 @@ def summary_row(name: str, c) -> str:
   return (f"| {LABELS.get(name, name)} | {train} "
           f"| {pv[0]:.2f} -> {pv[-1]:.2f} (min {pv.min():.2f}) "
           f"| {gv[0]:.2f} -> {gv[-1]:.2f} | {gv[i]:.2f} at step {int(gs[i])} "
-          f"| {rise} | {_detect(ps, pv)} | {_detect(gs, gv)} |")
+          f"| {rise} | {_detect(ps, pv)} | {_detect(gs, gv)} "
+          f"| {_detect(*loss) if loss is not None else 'n/a'} |")
 
 
 def plot(runs: dict, names, title: str, path: str) -> None:
@@ -175,8 +176,8 @@ def main(argv=None) -> int:
             f"nats per sequence (proxy check {gap['eval/proxy_kl'][1][0]:.2f})\n")
   print("| run | train loss (first -> last logged) | proxy: start -> end (min) "
         "| golden: start -> end | golden minimum | golden rise after min "
-        "| detector (proxy) | detector (golden) |")
-  print("|---|---|---|---|---|---|---|---|")
+        "| detector (proxy) | detector (golden) | detector (train loss) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in ALL:
     if name in runs:
       print(summary_row(name, runs[name]))

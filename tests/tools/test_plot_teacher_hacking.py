@@ -71,6 +71,7 @@ def test_table_and_plots_from_event_files(tmp_path):
   assert offline[8].strip().startswith("step")          # flagged on golden
   online = rows["online teacher"].split("|")
   assert online[7].strip() == "no" and online[8].strip() == "no"
+  assert online[9].strip() == "no"                      # the train loss: a power law
   assert "(stderr 1.50)" in offline[6]
   lever = rows["lever: teacher-size student, offline (128 x 1)"].split("|")
   assert lever[8].strip().startswith("step")
