@@ -13,8 +13,9 @@ each distillation run under --root, writes
   teacher_hacking_lever2.png     issue 24's second round (constant learning
                                  rate; the weak teacher), when run
   teacher_hacking_const_diversity.png  the diversity ablation under it
-  teacher_hacking_headline.png   offline 32 x 1 vs online teacher under the
-                                 constant learning rate, mean +- s.e. over seeds
+  teacher_hacking_headline.png   offline on 32 teacher samples (32 x 1, 16 x 2,
+                                 8 x 4) vs online teacher under the constant
+                                 learning rate, mean +- s.e. over seeds
 
 and prints a markdown table: the training loss (per-token forward KL on the
 training batches), start / minimum / final golden and proxy, the
@@ -66,9 +67,11 @@ GAPS = {"teacher_gap": "teacher", "weak_gap": "weak teacher"}
 CONST_DIVERSITY = ("const_offline_p32", "const_diversity_p16_g2", "const_diversity_p8_g4")
 LABELS.update({"const_diversity_p16_g2": "constant LR: offline (16 x 2)",
                "const_diversity_p8_g4": "constant LR: offline (8 x 4)"})
-# The headline figure: the configuration that shows hacking against its online
-# counterpart, every seed (runs NAME, NAME_seed1, ...), mean +- standard error.
-HEADLINE = ("const_offline_p32", "const_online_teacher")
+# The headline figure: the configurations that show hacking (a budget of 32
+# teacher samples, three prompt counts) against their online counterpart, every
+# seed (runs NAME, NAME_seed1, ...), mean +- standard error.
+HEADLINE = ("const_offline_p32", "const_diversity_p16_g2", "const_diversity_p8_g4",
+            "const_online_teacher")
 ALL = tuple(dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY + LEVER2
                           + CONST_DIVERSITY))
 
@@ -182,8 +185,9 @@ def main(argv=None) -> int:
     if name in runs:
       print(summary_row(name, runs[name]))
   if any(name in runs for name in HEADLINE):
-    plot_seeds(args.root, HEADLINE, "Teacher hacking at CPU scale: offline 32 x 1 vs online "
-               "teacher (constant LR; mean +- standard error over seeds)",
+    plot_seeds(args.root, HEADLINE, "Teacher hacking at CPU scale: offline on 32 teacher "
+               "samples (32 x 1, 16 x 2, 8 x 4) vs online teacher (constant LR; mean +- "
+               "standard error over seeds)",
                os.path.join(args.out_dir, "teacher_hacking_headline.png"))
   for name in LEVER + LEVER2 + CONST_DIVERSITY[1:]:
     line = seed_summary(args.root, name, runs.get(name))

@@ -3,16 +3,20 @@
 # every stage one command; see docs/experiments/teacher_hacking.md.
 #
 #   bash tools/run_teacher_hacking.sh [STAGE ...]
+#   bash tools/run_teacher_hacking.sh headline   # only what the headline figure needs
 #
 # Stages (default: all, in order): oracle oracle_data teacher student_sft
 # teacher_data offline online_teacher online_student diversity gap lever
-# lever_seeds lever2 report.
+# lever_seeds lever2 lever3 const_seeds report.
 # gap: the teacher's own golden KL G_T (teacher_gap.gin); lever: issue 24's
 # teacher-size student, offline on 128 and 32 samples, online, and the diversity
 # ablation at 32 (lever_*.gin); lever_seeds: seeds 1 and 2 of the 32- and
 # 128-sample cells and of the online run; lever2: the second round (constant
 # learning rate, constant_lr.gin; the weak teacher, teacher_weak.gin, and its
-# G_T, offline and online cells).
+# G_T, offline and online cells); lever3: 64 samples under the constant LR
+# and the online run under it; const_seeds: seeds 1 and 2 of the constant-LR
+# 32 x 1 cell and its online run, and its diversity ablation (16 x 2, 8 x 4)
+# with 3 seeds.
 # Finished stages are skipped (training runs resume from their checkpoints;
 # existing datasets are kept), so the script can be re-run after an interruption.
 # Outputs: runs/teacher_hacking/{oracle,teacher,student_sft,offline,...} (each
@@ -40,6 +44,12 @@ generate() {  # generate NAME CHECKPOINT SPLIT PROMPTS GENERATIONS
   $PY tools/generate_dataset.py --checkpoint "$2" --output_dir "$DATA" --name "$1" \
     --split "$3" --num_prompts "$4" --generations_per_prompt "$5" \
     --prompt_length 32 --max_new_tokens 48 --temperature 1.0 --batch_size 128 --seed 0
+}
+
+seeded() {  # seeded RUN SEED: RUN's gin file with another seed, in RUN_seedSEED
+  echo "== $1 seed $2"
+  $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin" --gin.distill.seed=$2 \
+    "--gin.RUN_DIR='$ROOT/${1}_seed$2'"
 }
 
 stage() {
@@ -73,9 +83,7 @@ stage() {
     lever_seeds)  # seeds 1 and 2 of the 32- and 128-sample cells and the online run
       for seed in 1 2; do
         for run in lever_offline_p32 lever_online_teacher lever_offline; do
-          echo "== $run seed $seed"
-          $PY -m posttrain_jax.main --gin_file="$GIN/$run.gin" --gin.distill.seed=$seed \
-            "--gin.RUN_DIR='$ROOT/${run}_seed$seed'"
+          seeded $run $seed
         done
       done ;;
     lever2)  # issue 24, second round: constant LR and the weak teacher
@@ -90,6 +98,22 @@ stage() {
       train weak_offline
       train weak_online_teacher
       train weak_offline_p32 ;;
+    lever3)  # issue 24: 32 and 64 samples under the constant LR, and its online counterpart
+      train lever_student_sft
+      generate teacher_p32_g1 "$ROOT/teacher" train 32 1
+      train const_offline_p32
+      generate teacher_p64_g1 "$ROOT/teacher" train 64 1
+      train const_offline_p64
+      train const_online_teacher ;;
+    const_seeds)  # issue 24: the constant-LR 32 x 1 cell's diversity ablation and seeds
+      generate teacher_p16_g2 "$ROOT/teacher" train 16 2
+      generate teacher_p8_g4 "$ROOT/teacher" train 8 4
+      seeded const_offline_p32 1; seeded const_offline_p32 2
+      train const_diversity_p16_g2; train const_diversity_p8_g4
+      seeded const_online_teacher 1; seeded const_online_teacher 2
+      for seed in 1 2; do
+        seeded const_diversity_p16_g2 $seed; seeded const_diversity_p8_g4 $seed
+      done ;;
     report)
       $PY tools/plot_teacher_hacking.py --root "$ROOT" --out_dir docs/experiments ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
@@ -97,8 +121,11 @@ stage() {
 }
 
 STAGES=("$@")
+if [ "${STAGES[*]}" = "headline" ]; then  # just what the headline figure needs
+  STAGES=(oracle oracle_data teacher teacher_data gap lever3 const_seeds report)
+fi
 if [ ${#STAGES[@]} -eq 0 ]; then
   STAGES=(oracle oracle_data teacher student_sft teacher_data offline online_teacher
-          online_student diversity gap lever lever_seeds lever2 report)
+          online_student diversity gap lever lever_seeds lever2 lever3 const_seeds report)
 fi
 for s in "${STAGES[@]}"; do stage "$s"; done
