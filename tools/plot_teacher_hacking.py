@@ -112,6 +112,21 @@ def summary_row(name: str, c) -> str:
           f"| {_detect(*loss) if loss is not None else 'n/a'} |")
 
 
+def _finish(fig, axes, title: str, path: str, path_title: str) -> None:
+  """Titles, grids and legends of the three panels; saves and closes `fig`."""
+  import matplotlib.pyplot as plt
+  axes[0].set(title="proxy = KL(teacher || student)", xlabel="step", ylabel="nats / sequence")
+  axes[1].set(title="golden = KL(oracle || student)", xlabel="step", ylabel="nats / sequence")
+  axes[2].set(title=path_title, xlabel="proxy", ylabel="golden")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot(runs: dict, names, title: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -126,17 +141,7 @@ def plot(runs: dict, names, title: str, path: str) -> None:
       s, v = c[tag]
       ax.plot(s, v, marker=".", label=label)
     axes[2].plot(c["eval/proxy_kl"][1], c["eval/golden_kl"][1], marker=".", label=label)
-  axes[0].set(title="proxy = KL(teacher || student)", xlabel="step", ylabel="nats / sequence")
-  axes[1].set(title="golden = KL(oracle || student)", xlabel="step", ylabel="nats / sequence")
-  axes[2].set(title="golden vs proxy (time runs right to left)", xlabel="proxy",
-              ylabel="golden")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish(fig, axes, title, path, "golden vs proxy (time runs right to left)")
 
 
 def main(argv=None) -> int:
@@ -277,16 +282,7 @@ def plot_seeds(root: str, names, title: str, path: str) -> None:
       os.path.join(root, "teacher_gap")) else {}
   if "eval/golden_kl" in gap:
     axes[1].axhline(gap["eval/golden_kl"][1][0], color="gray", ls="--", label="G_T (teacher)")
-  axes[0].set(title="proxy = KL(teacher || student)", xlabel="step", ylabel="nats / sequence")
-  axes[1].set(title="golden = KL(oracle || student)", xlabel="step", ylabel="nats / sequence")
-  axes[2].set(title="golden vs proxy", xlabel="proxy", ylabel="golden")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish(fig, axes, title, path, "golden vs proxy")
 
 
 def seed_summary(root: str, name: str, first=None) -> str | None:
