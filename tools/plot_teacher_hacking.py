@@ -28,6 +28,7 @@ proxy over the same steps with paired standard errors (`paired_turn`).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -62,11 +63,11 @@ LABELS = {"offline": "offline (512 prompts x 1)", "online_teacher": "online teac
           "const_online_teacher": "constant LR: online teacher",
           "weak_offline": "weak teacher: offline (128 x 1)",
           "weak_offline_p32": "weak teacher: offline (32 x 1)",
-          "weak_online_teacher": "weak teacher: online teacher"}
+          "weak_online_teacher": "weak teacher: online teacher",
+          "const_diversity_p16_g2": "constant LR: offline (16 x 2)",
+          "const_diversity_p8_g4": "constant LR: offline (8 x 4)"}
 GAPS = {"teacher_gap": "teacher", "weak_gap": "weak teacher"}
 CONST_DIVERSITY = ("const_offline_p32", "const_diversity_p16_g2", "const_diversity_p8_g4")
-LABELS.update({"const_diversity_p16_g2": "constant LR: offline (16 x 2)",
-               "const_diversity_p8_g4": "constant LR: offline (8 x 4)"})
 # The headline figure: the configurations that show hacking (a budget of 32
 # teacher samples, three prompt counts) against their online counterpart, every
 # seed (runs NAME, NAME_seed1, ...), mean +- standard error.
@@ -76,6 +77,7 @@ ALL = tuple(dict.fromkeys(SOURCES + DIVERSITY + LEVER + LEVER_DIVERSITY + LEVER2
                           + CONST_DIVERSITY))
 
 
+@functools.lru_cache(maxsize=None)  # seed summaries and figures read a run again
 def curves(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   out = {}
   for tag in ("eval/proxy_kl", "eval/golden_kl", "eval/proxy_kl_token_sum",
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
                "standard error over seeds)",
                os.path.join(args.out_dir, "teacher_hacking_headline.png"))
   for name in LEVER + LEVER2 + CONST_DIVERSITY[1:]:
-    line = seed_summary(args.root, name, runs.get(name))
+    line = seed_summary(args.root, name)
     if line:
       print(line)
   rows = [(name, turn) for name in ALL
@@ -285,13 +287,12 @@ def plot_seeds(root: str, names, title: str, path: str) -> None:
   _finish(fig, axes, title, path, "golden vs proxy")
 
 
-def seed_summary(root: str, name: str, first=None) -> str | None:
+def seed_summary(root: str, name: str) -> str | None:
   """Mean +- standard error over seeds (runs NAME, NAME_seed1, ...) of the end -
   start change of golden and proxy, and of golden's rise after its minimum
-  (step > 0); None with fewer than 2 seeds. `first`: NAME's curves, if read."""
-  seeds = [d for d in seed_dirs(root, name) if d != os.path.join(root, name)]
+  (step > 0); None with fewer than 2 seeds."""
   deltas = []
-  for c in [first or {}] + [curves(d) for d in seeds]:
+  for c in map(curves, seed_dirs(root, name)):
     if "eval/golden_kl" not in c or "eval/proxy_kl" not in c or len(c["eval/golden_kl"][1]) < 2:
       continue  # not run, or only its step-0 evaluation so far
     gv, pv = c["eval/golden_kl"][1], c["eval/proxy_kl"][1]

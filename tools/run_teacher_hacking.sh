@@ -12,9 +12,9 @@
 # teacher-size student, offline on 128 and 32 samples, online, and the diversity
 # ablation at 32 (lever_*.gin); lever_seeds: seeds 1 and 2 of the 32- and
 # 128-sample cells and of the online run; lever2: the second round (constant
-# learning rate, constant_lr.gin; the weak teacher, teacher_weak.gin, and its
-# G_T, offline and online cells); lever3: 64 samples under the constant LR
-# and the online run under it; const_seeds: seeds 1 and 2 of the constant-LR
+# weak teacher, teacher_weak.gin, and its G_T, offline and online cells);
+# lever3: 32 and 64 samples under the constant LR (constant_lr.gin) and the
+# online run under it; const_seeds: seeds 1 and 2 of the constant-LR
 # 32 x 1 cell and its online run, and its diversity ablation (16 x 2, 8 x 4)
 # with 3 seeds.
 # Finished stages are skipped (training runs resume from their checkpoints;
@@ -30,9 +30,9 @@ GIN=gin/experiments/teacher_hacking
 PY=${PYTHON:-python}
 mkdir -p "$ROOT"
 
-train() {  # train/distill from one gin file
-  echo "== $1"
-  $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin"
+train() {  # train NAME [FLAG ...]: train/distill from one gin file
+  echo "== $*"
+  $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin" "${@:2}"
 }
 
 generate() {  # generate NAME CHECKPOINT SPLIT PROMPTS GENERATIONS
@@ -47,9 +47,7 @@ generate() {  # generate NAME CHECKPOINT SPLIT PROMPTS GENERATIONS
 }
 
 seeded() {  # seeded RUN SEED: RUN's gin file with another seed, in RUN_seedSEED
-  echo "== $1 seed $2"
-  $PY -m posttrain_jax.main --gin_file="$GIN/$1.gin" --gin.distill.seed=$2 \
-    "--gin.RUN_DIR='$ROOT/${1}_seed$2'"
+  train "$1" --gin.distill.seed="$2" "--gin.RUN_DIR='$ROOT/${1}_seed$2'"
 }
 
 stage() {
@@ -86,10 +84,8 @@ stage() {
           seeded $run $seed
         done
       done ;;
-    lever2)  # issue 24, second round: constant LR and the weak teacher
+    lever2)  # issue 24, second round: the weak teacher (constant LR: lever3)
       train lever_student_sft
-      generate teacher_p32_g1 "$ROOT/teacher" train 32 1
-      train const_offline_p32
       generate oracle_p375_g4 "$ROOT/oracle" train 375 4
       train teacher_weak
       train weak_gap

@@ -39,8 +39,7 @@ from posttrain_jax.core.step_loop import StepLoop
 from posttrain_jax.data.dataset_config import DatasetConfig, PromptConfig
 from posttrain_jax.diloco import loop as diloco_loop
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
-from posttrain_jax.distillation import eval as eval_lib
-from posttrain_jax.distillation.eval import ProxyGoldenEvaluator, restore_frozen
+from posttrain_jax.distillation.eval import ProxyGoldenEvaluator, restore_frozen, save_per_prompt
 from posttrain_jax.distillation.sources import (
     MixtureSource, OfflineSource, OnlineSource, check_weights)
 from posttrain_jax.distillation.trainer import DistillationTrainer
@@ -230,7 +229,7 @@ def distill(*, student_config: ModelConfig, teacher_checkpoint: str, run_dir: st
   def evaluate(step):
     metrics = evaluator(eval_params(state)) if evaluator is not None else {}
     if evaluator is not None and jax.process_index() == 0:
-      eval_lib.save_per_prompt(run_dir, step, evaluator.per_prompt)
+      save_per_prompt(run_dir, step, evaluator.per_prompt)
     if lm_eval_set:
       lm = train_lib.evaluate(trainer, eval_params(state), lm_eval_set)
       metrics.update({f"lm_{k}": v for k, v in lm.items()})
