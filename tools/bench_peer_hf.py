@@ -81,17 +81,36 @@ def _synchronize(device: str):
     torch.cuda.synchronize()
 
 
-def run_peer(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
-             repeats: int = 1,
-             optimizer, compile: bool = False, attn: str = "eager",
-             device: str | None = None, threads: int | None = None,
-             teacher_cfg=None, teacher_params=None) -> dict:
-  """Times `steps` peer steps after `warmup` (>= 1 when compiling); returns a row.
+def default_device() -> str:
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_peer(*args, **kwargs) -> dict:
+  """Times `steps` peer steps after `warmup` (>= 1 when compiling); returns a
+  row. The arguments of peer_windows, whose windows it runs back to back."""
+  windows = peer_windows(*args, **kwargs)
+  while True:
+    try:
+      next(windows)
+    except StopIteration as done:
+      return done.value
+
+
+def peer_windows(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
+                 repeats: int = 1,
+                 optimizer, compile: bool = False, attn: str = "eager",
+                 device: str | None = None, threads: int | None = None,
+                 teacher_cfg=None, teacher_params=None):
+  """Generator: builds and warms up the peer, then yields before each of its
+  `repeats` timed windows of `steps` steps and once after the last (the
+  caller may run other work in between: tools/bench_train.py alternates these
+  windows with its own), then releases torch's memory and returns the row
+  (the fastest window) through StopIteration.
 
   threads: torch.set_num_threads (CPU); on a loaded machine one thread can be
   much faster than torch's default, whose OpenMP workers stall each other.
   """
-  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  device = device or default_device()
   if threads:
     torch.set_num_threads(threads)
   model = build_model(cfg, host_params, attn, device)
@@ -157,11 +176,13 @@ def run_peer(step: str, cfg, host_params, batches, *, steps: int, warmup: int,
   _synchronize(device)
   elapsed = float("inf")
   for _ in range(repeats):  # the fastest of `repeats` windows of `steps` steps
+    yield
     t0 = time.perf_counter()
     for i in range(steps):
       loss = one_step(tensors[i % len(tensors)])
     _synchronize(device)
     elapsed = min(elapsed, time.perf_counter() - t0)
+  yield  # all windows done: release only after every interleaved engine's last window
   loss = float(loss)
   if device.startswith("cuda"):
     mem, mem_source = int(torch.cuda.max_memory_allocated()), "torch"

@@ -19,9 +19,12 @@ plus the student's step on the forward KL; the teacher is the same model
 unless `--teacher_model`), `forward` (forward + cross-entropy, no gradient).
 `--peer=hf` also runs transformers' Gemma2ForCausalLM (torch; same shape,
 same weights via hf_gemma2.params_to_hf, same batches, AdamW) in the same
-process, eagerly and with `--peer_compile` also under torch.compile, before
-ours (so torch's memory is released before JAX allocates), and adds the
-column "ours / this" (our tokens/s over that row's). Prints a markdown table
+process, eagerly and with `--peer_compile` also under torch.compile, and adds
+the column "ours / this" (our tokens/s over that row's). With a CPU peer the
+engines' timed windows alternate (`--interleave`, default auto: window r of
+each engine before window r + 1 of any), so that the machine's drift over
+minutes slows every engine alike; a GPU peer runs before ours, so that
+torch's memory is released before JAX allocates. Prints a markdown table
 with one row per engine, or with `--json` each row as one JSON line:
 
   tokens/s        global tokens (batch x seq) per second
@@ -241,6 +244,11 @@ def parse_args(rest):
   p.add_argument("--peer_attn", default="eager",
                  help="transformers attn_implementation (eager, sdpa, flex_attention)")
   p.add_argument("--peer_device", default=None, help="torch device (default cuda if any)")
+  p.add_argument("--interleave", choices=("auto", "true", "false"), default="auto",
+                 help="alternate the engines' timed windows (window r of each before "
+                      "window r + 1 of any) instead of running them one after another; "
+                      "auto: when the peer runs on the CPU (a GPU peer runs first so "
+                      "that its memory is freed before JAX allocates)")
   p.add_argument("--peer_threads", type=int, default=None,
                  help="torch.set_num_threads for the peer (default: torch's)")
   p.add_argument("--seed", type=int, default=0)
@@ -338,9 +346,31 @@ def _compiled_step(args, trainer, abstract_batch):
   return run, compile_s, compiled.as_text()
 
 
-def run_ours(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
-             host=None) -> dict:
-  """Times our step; `host` = {"params", "teacher"} host weights (else random init)."""
+def run_windows(engines: list, interleave: bool) -> list[dict]:
+  """Rows of the engines' window generators (bench_peer_hf.peer_windows,
+  our_windows): one after another, or with interleave round-robin, so that
+  window r of every engine runs before window r + 1 of any: a machine whose
+  speed drifts over minutes then slows all engines alike."""
+  rows = [None] * len(engines)
+  order = [[i] for i in range(len(engines))] if not interleave else [range(len(engines))]
+  for group in order:
+    live = list(group)
+    while live:
+      for i in list(live):
+        try:
+          next(engines[i])
+        except StopIteration as done:
+          rows[i] = done.value
+          live.remove(i)
+  return rows
+
+
+def our_windows(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
+                host=None):
+  """Generator like bench_peer_hf.peer_windows for our step: builds, compiles
+  and warms up, yields before each of the --repeats timed windows and after
+  the last, returns the row. `host` = {"params", "teacher"} host weights (else
+  random init)."""
   schedule, tx = OptimizerConfig().build(args.warmup + args.steps)
   if args.step == "distill":
     trainer = DistillationTrainer(cfg, teacher, tx, schedule, mesh,
@@ -380,11 +410,13 @@ def run_ours(args, cfg: ModelConfig, teacher: ModelConfig, mesh, batches_np,
   jax.block_until_ready((state, metrics))
   elapsed = math.inf
   for _ in range(args.repeats):  # best of --repeats windows of --steps steps
+    yield
     t0 = time.perf_counter()
     for i in range(args.steps):
       state, metrics = run(state, batches[i % 2], aux)
     jax.block_until_ready((state, metrics))
     elapsed = min(elapsed, time.perf_counter() - t0)
+  yield
   if args.profile:
     with profile_ops.traced(args.profile):
       for i in range(args.steps):
@@ -443,7 +475,7 @@ def benchmark(args, cfg: ModelConfig, teacher: ModelConfig, model_name: str) -> 
   batches = [synthetic_batch(rng, rows_per_process, args.seq_len, cfg.vocab_size)
              for _ in range(2)]
 
-  host, peers = None, []
+  host, peers, interleave = None, [], False
   if args.peer:
     try:
       import bench_peer_hf  # pylint: disable=import-outside-toplevel
@@ -453,19 +485,30 @@ def benchmark(args, cfg: ModelConfig, teacher: ModelConfig, model_name: str) -> 
     if args.step == "distill":
       host["teacher"] = host_params(teacher, args.seed + 1)
     modes = ([] if args.peer_no_eager else [False]) + ([True] if args.peer_compile else [])
-    for compile_ in modes:
+    peer_device = args.peer_device or bench_peer_hf.default_device()
+    interleave = (peer_device == "cpu") if args.interleave == "auto" else args.interleave == "true"
+
+    def guarded(windows, compile_):  # a failing peer (e.g. torch OOM) leaves the others
       try:
-        peers.append(bench_peer_hf.run_peer(
-            args.step, cfg, host["params"], batches, steps=args.steps,
-            repeats=args.repeats,
-            warmup=max(args.warmup, 1), optimizer=OptimizerConfig(), compile=compile_,
-            attn=args.peer_attn, device=args.peer_device, threads=args.peer_threads,
-            teacher_cfg=teacher, teacher_params=host.get("teacher")))
-      except RuntimeError as e:  # e.g. torch.OutOfMemoryError: ours still runs
+        return (yield from windows)
+      except RuntimeError as e:
         print(f"bench_train.py: peer ({'compiled' if compile_ else 'eager'}) failed: "
               f"{str(e).splitlines()[0][:300]}", file=sys.stderr, flush=True)
         bench_peer_hf.release_memory()
-  ours = run_ours(args, cfg, teacher, mesh, batches, host)
+        return None
+
+    engines = [guarded(bench_peer_hf.peer_windows(
+        args.step, cfg, host["params"], batches, steps=args.steps,
+        repeats=args.repeats,
+        warmup=max(args.warmup, 1), optimizer=OptimizerConfig(), compile=compile_,
+        attn=args.peer_attn, device=args.peer_device, threads=args.peer_threads,
+        teacher_cfg=teacher, teacher_params=host.get("teacher")), compile_)
+               for compile_ in modes]
+    engines.append(our_windows(args, cfg, teacher, mesh, batches, host))
+    *peers, ours = run_windows(engines, interleave)
+    peers = [row for row in peers if row is not None]
+  else:
+    ours = run_windows([our_windows(args, cfg, teacher, mesh, batches, host)], False)[0]
 
   flops = step_flops_per_token(args, cfg, teacher)
   kind = ours["device_kind"]
@@ -485,6 +528,7 @@ def benchmark(args, cfg: ModelConfig, teacher: ModelConfig, model_name: str) -> 
         "mfu_percent": 100.0 * tflops / row_peak if row_peak else None})
   for row in rows[1:]:
     row["ours_speedup"] = rows[0]["tokens_per_s"] / row["tokens_per_s"]
+    row["interleaved"] = rows[0]["interleaved"] = interleave
   for row in rows:
     row.update(jax_version=jax.__version__,
                tensorflow_imported=sys.modules.get("tensorflow") is not None,

@@ -25,7 +25,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from posttrain_jax.models import softcap_attention
 from posttrain_jax.models.config import ModelConfig
 from posttrain_jax.models.layers import apply_rope, soft_cap, token_dense
 
@@ -99,9 +101,27 @@ def _masked_softmax(scores: Array, mask: Array, cap: float | None) -> Array:
   return jax.nn.softmax(scores, axis=-1)
 
 
+def _attend(rows: Array, keys: Array, values: Array, mask: Array, cap: float | None,
+            row_major_grads: bool) -> Array:
+  """One block of the blocked kernels: rows [..., r, d], keys and values
+  [..., s, d], mask broadcastable to [..., r, s]; returns [..., r, d].
+
+  With row_major_grads (ModelConfig.gradient_layout) and a soft-cap it
+  supports, the softcap_attention core (no row maximum, row-major key/value
+  gradients); otherwise scores, the masked softmax and the value product by
+  autodiff. Same result either way.
+  """
+  if row_major_grads and softcap_attention.supported(cap, rows.dtype):
+    return softcap_attention.softcap_attention(rows, keys, values.astype(rows.dtype),
+                                               mask, cap)
+  scores = jnp.einsum("...rd,...sd->...rs", rows, keys, preferred_element_type=jnp.float32)
+  probs = _masked_softmax(scores, mask, cap).astype(rows.dtype)
+  return jnp.einsum("...rs,...sd->...rd", probs, values.astype(rows.dtype))
+
+
 def local_block_attention(q: Array, key: Array, value: Array,
                           segment_ids: Array | None, window: int,
-                          cap: float | None) -> Array:
+                          cap: float | None, row_major_grads: bool = False) -> Array:
   """Sliding-window attention that only forms the scores inside the window.
 
   The reference path computes all [t, t] scores of a local layer and masks
@@ -134,7 +154,6 @@ def local_block_attention(q: Array, key: Array, value: Array,
   qb = _grouped_rows(blocks(q).reshape(b * nb, w, h, hd), k).reshape(b, nb, k, w * g, hd)
   kv_blocks = lambda x: with_previous(blocks(x).transpose(0, 1, 3, 2, 4), axis=3)
   kb, vb = kv_blocks(key), kv_blocks(value)                        # [b, nb, k, 2w, d]
-  scores = jnp.einsum("bnkrd,bnksd->bnkrs", qb, kb, preferred_element_type=jnp.float32)
   # Row r of block n is position n*w + r // g; key j is position (n - 1)*w + j.
   i = (jnp.arange(w * g) // g)[:, None]
   j = jnp.arange(2 * w)[None, :]
@@ -146,15 +165,14 @@ def local_block_attention(q: Array, key: Array, value: Array,
     qs = jnp.repeat(blocks(segment_ids), g, axis=2)                 # [b, nb, w g]
     ks = with_previous(blocks(segment_ids), axis=2, fill=-1)        # [b, nb, 2w]
     mask &= qs[:, :, :, None] == ks[:, :, None, :]
-  probs = _masked_softmax(scores, mask[:, :, None], cap).astype(q.dtype)
-  out = jnp.einsum("bnkrs,bnksd->bnkrd", probs, vb.astype(q.dtype))
+  out = _attend(qb, kb, vb, mask[:, :, None], cap, row_major_grads)  # [b, nb, k, w g, d]
   out = _ungrouped_rows(out.reshape(b * nb, k, w * g, hd), w)       # [b nb, w, h, d]
   return out.reshape(b, nb * w, h, hd)[:, :t]
 
 
 def causal_block_attention(q: Array, key: Array, value: Array,
                            segment_ids: Array | None, block: int,
-                           cap: float | None) -> Array:
+                           cap: float | None, row_major_grads: bool = False) -> Array:
   """Causal attention that skips the score blocks above the diagonal.
 
   Queries are cut into nb = ceil(t / block) blocks; block n (positions
@@ -176,15 +194,13 @@ def causal_block_attention(q: Array, key: Array, value: Array,
   outs = []
   for start in range(0, t, block):
     stop = min(start + block, t)
-    scores = jnp.einsum("bkrd,bksd->bkrs", rows[:, :, start * g:stop * g], key[:, :, :stop],
-                        preferred_element_type=jnp.float32)
-    position = jnp.arange(start * g, stop * g) // g                 # of each row
+    position = np.arange(start * g, stop * g) // g                  # of each row (static)
     mask = jnp.arange(stop)[None, :] <= position[:, None]           # [rows, keys]
     mask = jnp.broadcast_to(mask, (b, (stop - start) * g, stop))
     if segment_ids is not None:
       mask &= segment_ids[:, position, None] == segment_ids[:, None, :stop]
-    probs = _masked_softmax(scores, mask[:, None], cap).astype(q.dtype)
-    outs.append(jnp.einsum("bkrs,bksd->bkrd", probs, value[:, :, :stop].astype(q.dtype)))
+    outs.append(_attend(rows[:, :, start * g:stop * g], key[:, :, :stop], value[:, :, :stop],
+                        mask[:, None], cap, row_major_grads))
   return _ungrouped_rows(jnp.concatenate(outs, axis=2), t)
 
 
@@ -333,9 +349,10 @@ class Attention(nn.Module):
     w_v = proj("v", (d, k, hd), ("embed", "kv_heads", "kv"), 0, (1, 2))
     w_o = proj("o", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
 
-    q = token_dense(x, w_q)
-    key = token_dense(x, w_k)
-    value = token_dense(x, w_v)
+    row_major = cfg.row_major_gradients
+    q = token_dense(x, w_q, row_major_grads=row_major)
+    key = token_dense(x, w_k, row_major_grads=row_major)
+    value = token_dense(x, w_v, row_major_grads=row_major)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
@@ -373,7 +390,7 @@ class Attention(nn.Module):
           q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), q_index,
           k_index, segment_ids, k_segment_ids, window, cfg.attn_logits_soft_cap)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    out = token_dense(out, w_o, in_dims=2)
+    out = token_dense(out, w_o, in_dims=2, row_major_grads=row_major)
     return out if cache is None else (out, new_cache)
 
   def _kernel_attention(self, q, key, value, segment_ids, window, length):
@@ -389,8 +406,8 @@ class Attention(nn.Module):
                                    cfg.dpa_implementation)
     if window is not None and 2 * window < length:
       return local_block_attention(q, key, value, segment_ids, window,
-                                   cfg.attn_logits_soft_cap)
+                                   cfg.attn_logits_soft_cap, cfg.row_major_gradients)
     if window is None and cfg.causal_block_size and cfg.causal_block_size < length:
       return causal_block_attention(q, key, value, segment_ids, cfg.causal_block_size,
-                                    cfg.attn_logits_soft_cap)
+                                    cfg.attn_logits_soft_cap, cfg.row_major_gradients)
     return None

@@ -48,7 +48,7 @@ class Block(nn.Module):
     x = x + norm("post_attention_norm")(h)
     h = norm("pre_ffw_norm")(x)
     h = FeedForward(cfg.embed_dim, cfg.mlp_dim, cfg.compute_dtype, cfg.weight_dtype,
-                    name="mlp")(h)
+                    cfg.row_major_gradients, name="mlp")(h)
     x = x + norm("post_ffw_norm")(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x if cache is None else (x, cache)
@@ -87,7 +87,7 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedder = Embedder(cfg.vocab_size, cfg.embed_dim, cfg.compute_dtype,
-                             cfg.weight_dtype)
+                             cfg.weight_dtype, cfg.row_major_gradients)
     if cfg.scan_layers:
       group = BlockGroup
       if cfg.remat_policy != "none":

@@ -12,10 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from posttrain_jax.models import row_major_matmul
+
 Array = jax.Array
 
 
-def token_dense(x: Array, w: Array, in_dims: int = 1, preferred_element_type=None) -> Array:
+def token_dense(x: Array, w: Array, in_dims: int = 1, row_major_grads: bool = False) -> Array:
   """Contracts x's last `in_dims` dims with w's first `in_dims` dims.
 
   The same as the einsum "btd,dhk->bthk" (in_dims=1) or "bthk,hkd->btd"
@@ -23,10 +25,12 @@ def token_dense(x: Array, w: Array, in_dims: int = 1, preferred_element_type=Non
   the weight gradient is one [in, tokens] x [tokens, out] matmul. XLA:CPU runs
   the 3-D einsum form, whose weight gradient contracts batch and length
   together, 1.5-1.8x slower (docs/performance.md); on TPU/GPU the reshapes are
-  free.
+  free. row_major_grads: that weight gradient as a row-major product
+  (row_major_matmul.dense; ModelConfig.gradient_layout).
   """
   lead, k = x.shape[:x.ndim - in_dims], math.prod(w.shape[:in_dims])
-  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+  matmul = row_major_matmul.dense if row_major_grads else jnp.dot
+  y = matmul(x.reshape(-1, k), w.reshape(k, -1))
   return y.reshape(lead + w.shape[in_dims:])
 
 
@@ -85,6 +89,7 @@ class Embedder(nn.Module):
   embed_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  row_major_grads: bool = False  # decode's table gradient: row_major_matmul.dense_nt
 
   def setup(self):
     init = nn.initializers.normal(stddev=self.embed_dim ** -0.5)
@@ -102,9 +107,12 @@ class Embedder(nn.Module):
 
   def decode(self, x: Array) -> Array:
     """Tied output projection to float32 vocabulary logits."""
-    logits = jax.lax.dot_general(  # [tokens, d] x [vocab, d]^T, see token_dense
-        x.reshape(-1, x.shape[-1]), self.embedding.astype(self.dtype),
-        (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    x2d, table = x.reshape(-1, x.shape[-1]), self.embedding.astype(self.dtype)
+    if self.row_major_grads:
+      logits = row_major_matmul.dense_nt(x2d, table)
+    else:
+      logits = jax.lax.dot_general(  # [tokens, d] x [vocab, d]^T, see token_dense
+          x2d, table, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return logits.reshape(x.shape[:-1] + (self.vocab_size,))
 
 
@@ -115,6 +123,7 @@ class FeedForward(nn.Module):
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  row_major_grads: bool = False  # token_dense's weight gradients
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -125,8 +134,8 @@ class FeedForward(nn.Module):
                       (self.embed_dim, self.mlp_dim), self.param_dtype)
     w_down = self.param("down", nn.with_logical_partitioning(init, ("mlp", "embed")),
                         (self.mlp_dim, self.embed_dim), self.param_dtype)
-    gate = token_dense(x, w_gate.astype(self.dtype))
-    up = token_dense(x, w_up.astype(self.dtype))
+    gate = token_dense(x, w_gate.astype(self.dtype), row_major_grads=self.row_major_grads)
+    up = token_dense(x, w_up.astype(self.dtype), row_major_grads=self.row_major_grads)
     h = jax.nn.gelu(gate, approximate=True) * up
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return token_dense(h, w_down.astype(self.dtype))
+    return token_dense(h, w_down.astype(self.dtype), row_major_grads=self.row_major_grads)

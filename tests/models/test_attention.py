@@ -360,7 +360,38 @@ def test_transformer_logits_and_grads_equal_across_attention_impls():
                g_dpa, g_ref)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_transformer_logits_and_grads_equal_across_gradient_layouts(scan_layers):
+  # gradient_layout="row_major" (row_major_matmul for every projection and the
+  # tied logits, softcap_attention in the blocked local and causal kernels)
+  # gives autodiff's loss and gradients, packed segments included.
+  from posttrain_jax.models import Transformer  # pylint: disable=import-outside-toplevel
+  xla_cfg = tiny_config(num_layers=2, vocab_size=40, sliding_window_size=2,
+                        causal_block_size=4, attn_logits_soft_cap=5.0,
+                        gradient_layout="xla", scan_layers=scan_layers)
+  row_cfg = dataclasses.replace(xla_cfg, gradient_layout="row_major")
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 9)), jnp.int32)
+  _, pos, seg = _packed_inputs(xla_cfg, True)
+  params = nn.unbox(Transformer(xla_cfg).init(jax.random.key(0), tokens)["params"])
+  params = jax.tree.map(lambda p: p * 3.0, params)  # scores well into the soft-cap
+  loss = lambda cfg: jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.square(
+      Transformer(cfg).apply({"params": p}, tokens, pos, seg)))))
+  (l_xla, g_xla), (l_row, g_row) = loss(xla_cfg)(params), loss(row_cfg)(params)
+  np.testing.assert_allclose(l_row, l_xla, rtol=1e-5)
+  # float32 summation-order noise, relative to each gradient's largest entry
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g_row, g_xla)
+
+
+def test_gradient_layout_auto_is_row_major_on_cpu_only():
+  assert tiny_config().gradient_layout == "auto"
+  assert tiny_config().row_major_gradients == (jax.default_backend() == "cpu")
+  assert tiny_config(gradient_layout="row_major").row_major_gradients
+  assert not tiny_config(gradient_layout="xla").row_major_gradients
+
+
 @pytest.mark.parametrize("overrides, needle", [
+    (dict(gradient_layout="transposed"), "gradient_layout must be one of"),
     (dict(attention_impl="dot_product_attention"), "attn_logits_soft_cap=None"),
     (dict(attention_impl="flash"), "attention_impl must be one of"),
     (dict(attn_logits_soft_cap=None, dpa_implementation="cudnn"),
@@ -446,13 +477,16 @@ def _block_score_shapes(cfg, attention_type, length):
           if len(v.aval.shape) >= 2}
 
 
+@pytest.mark.parametrize("row_major", [False, True])
 @pytest.mark.parametrize("length, window, packed, cap", [
     (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 1, False, None),
     (20, 3, True, 2.0)])
-def test_local_block_attention_equals_masked_full(length, window, packed, cap):
+def test_local_block_attention_equals_masked_full(length, window, packed, cap, row_major):
+  # row_major: the softcap_attention core where a cap is set (ModelConfig.gradient_layout).
   from posttrain_jax.models.attention import local_block_attention  # pylint: disable=import-outside-toplevel
   _assert_blocked_equals_full(
-      lambda q, key, value, seg: local_block_attention(q, key, value, seg, window, cap),
+      lambda q, key, value, seg: local_block_attention(q, key, value, seg, window, cap,
+                                                       row_major),
       length, window, packed, cap)
 
 
@@ -475,15 +509,17 @@ def test_local_layer_uses_blocks_only_when_window_is_short():
 # ------------------------------------------------------------------ causal block attention
 
 
+@pytest.mark.parametrize("row_major", [False, True])
 @pytest.mark.parametrize("length, block, packed, cap", [
     (12, 4, False, 5.0), (13, 4, True, 5.0), (13, 5, True, None), (7, 2, False, None),
     (20, 6, True, 2.0), (9, 20, False, 3.0)])
-def test_causal_block_attention_equals_masked_full(length, block, packed, cap):
+def test_causal_block_attention_equals_masked_full(length, block, packed, cap, row_major):
   # Forward and gradients equal masked full causal attention (window None),
   # including a last block shorter than `block` and a block longer than t.
   from posttrain_jax.models.attention import causal_block_attention  # pylint: disable=import-outside-toplevel
   _assert_blocked_equals_full(
-      lambda q, key, value, seg: causal_block_attention(q, key, value, seg, block, cap),
+      lambda q, key, value, seg: causal_block_attention(q, key, value, seg, block, cap,
+                                                        row_major),
       length, None, packed, cap)
 
 

@@ -138,6 +138,7 @@ def test_forward_step_peer_same_weights_same_loss_without_tensorflow():
   assert ours["flops_per_token"] * 3 == _train_flops_tiny2(16)
   for row in (ours, peer):
     assert row["tensorflow_imported"] is False and row["seqio_imported"] is False
+    assert row["interleaved"] is True  # a CPU peer: windows alternate (--interleave auto)
 
 
 def _train_flops_tiny2(seq_len):
@@ -184,3 +185,30 @@ def test_new_flag_errors_exit_2_with_one_line():
     assert proc.returncode == 2, (args, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def _windows(name, log, repeats=2):
+  """A fake engine for run_windows: logs its setup, windows and release."""
+  log.append(f"{name} setup")
+  for r in range(repeats):
+    yield
+    log.append(f"{name} window {r}")
+  yield
+  log.append(f"{name} release")
+  return {"engine": name}
+
+
+def test_run_windows_interleaves_windows_and_releases_after_all():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("bench_train_tool", TOOL)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  log = []
+  rows = tool.run_windows([_windows("peer", log), _windows("ours", log)], interleave=True)
+  assert rows == [{"engine": "peer"}, {"engine": "ours"}]
+  assert log == ["peer setup", "ours setup", "peer window 0", "ours window 0",
+                 "peer window 1", "ours window 1", "peer release", "ours release"]
+  log.clear()
+  tool.run_windows([_windows("peer", log), _windows("ours", log)], interleave=False)
+  assert log == ["peer setup", "peer window 0", "peer window 1", "peer release",
+                 "ours setup", "ours window 0", "ours window 1", "ours release"]
