@@ -70,6 +70,17 @@ def test_masked_keys_get_no_weight_and_no_gradient():
   assert np.all(np.asarray(dv)[never] == 0) and np.all(np.asarray(dk)[never] == 0)
 
 
+def test_fully_masked_row_gives_zero_output_and_finite_gradients():
+  q, key, value, mask = inputs(scale=1.0)
+  mask = mask.at[0, :, 3, :].set(False)      # row 3 of batch 0 sees no key
+  out = sa.softcap_attention(q, key, value, mask, 50.0)
+  np.testing.assert_array_equal(np.asarray(out)[0, :, 3], 0.0)
+  grads = jax.grad(lambda *a: jnp.sum(sa.softcap_attention(*a, mask, 50.0) ** 2),
+                   argnums=(0, 1, 2))(q, key, value)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+  np.testing.assert_array_equal(np.asarray(grads[0])[0, :, 3], 0.0)   # dq of that row
+
+
 def test_bfloat16_close_to_float32_reference():
   q, key, value, mask = inputs(scale=2.0)
   b = lambda x: jnp.asarray(x, jnp.bfloat16)
