@@ -87,9 +87,27 @@ def _registered() -> dict[str, Callable]:
           for _, c in gin_config_lib._REGISTRY.items()}  # pylint: disable=protected-access
 
 
+def _matches(word: str, options, n: int = 3, cutoff: float = 0.5) -> list[str]:
+  """The n options closest to word (difflib ratio >= cutoff), ignoring case."""
+  by_lower: dict[str, str] = {}
+  for option in options:
+    by_lower.setdefault(option.lower(), option)
+  return [by_lower[m] for m in
+          difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=cutoff)]
+
+
 def _closest(word: str, options, n: int = 3) -> str:
-  matches = difflib.get_close_matches(word, list(options), n=n, cutoff=0.5)
+  matches = _matches(word, options, n)
   return f" Did you mean: {', '.join(matches)}?" if matches else ""
+
+
+def _closest_configurables(word: str, registry) -> str:
+  """Close names (a looser second pass: 'PPOXYZ' -> GRPO, ...), else every
+  registered name, so an unknown configurable always comes with choices."""
+  matches = _matches(word, registry) or _matches(word, registry, cutoff=0.3)
+  if matches:
+    return f" Did you mean: {', '.join(matches)}?"
+  return f" Registered configurables: {', '.join(sorted(registry, key=str.lower))}."
 
 
 def _parameters(fn) -> list[str]:
@@ -113,7 +131,7 @@ def explain(error: Exception) -> str:
   m = re.match(r"No configurable matching (?:reference )?'@?([\w./]+?)(?:\(\))?'", first)
   if m:
     name = m.group(1).split("/")[-1]
-    return f"Unknown configurable '{name}'{where}.{_closest(name, registry)}"
+    return f"Unknown configurable '{name}'{where}.{_closest_configurables(name, registry)}"
   m = re.match(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", first)
   if m:
     fn = registry.get(m.group(1).split(".")[-1])

@@ -60,6 +60,25 @@ def test_unknown_configurable_names_the_closest():
   assert "Unknown configurable 'ModelConfg'" in line and "ModelConfig" in line
 
 
+@pytest.mark.parametrize("binding, offered", [
+    ("train_policy.algorithm = @PPOXYZ()", "Did you mean: GRPO"),   # no close name
+    ("grpo.epsilon = 0.1", "Did you mean: GRPO"),                    # case differs
+    ("QQQQQ.x = 1", "Registered configurables: BOND, "),             # nothing near
+])
+def test_unknown_configurable_always_offers_names(binding, offered):
+  from posttrain_jax import main  # registers the binary's configurables
+  main.register_configurables()
+  gin.clear_config()
+  try:
+    with pytest.raises(cli.ConfigError) as raised:
+      cli.configure(cli.parse_flags(["--gin_file=experiments/rl/reinforce_tiny.gin",
+                                     f"--gin_bindings={binding}"]), finalize=False)
+  finally:
+    gin.clear_config()
+  line = str(raised.value)
+  assert "\n" not in line and line.startswith("Unknown configurable") and offered in line
+
+
 def test_unknown_parameter_names_the_closest():
   line = error_line(run_main(QUICKSTART, "--gin.ModelConfig.num_hedas=2"))
   assert "Unknown parameter 'num_hedas'" in line and "num_heads" in line
