@@ -15,7 +15,13 @@ import setuptools
 # - elastic extra (also in test): torchft's Lighthouse, the quorum service of
 #   elastic DiLoCo (posttrain_jax/diloco/elastic; 2.5 MB wheel + OpenTelemetry,
 #   about 3 s to install on top of torch; runs on CPU-only torch).
+# - tpu extra (also in test): libtpu at the version jax pins (jax 0.10.2 ->
+#   libtpu 0.0.42.*; about 700 MB installed). On a TPU VM it is the runtime; on
+#   any host it compiles for TPU topologies without a TPU (posttrain_jax/aot,
+#   docs/scale.md), which the tests do. Hosts without a TPU do not probe for one
+#   (posttrain_jax/core/platforms.py sets JAX_PLATFORMS when it is unset).
 ELASTIC_REQUIRES = ["torchft==0.2.0"]
+TPU_REQUIRES = ["jax[tpu]>=0.10.2"]
 INSTALL_REQUIRES = [
     "jax>=0.10.2",
     "flax>=0.12.8",
@@ -38,7 +44,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.10",
 ]
 TEST_REQUIRES = ["pytest>=8", "pytest-xdist>=3.8", "torch==2.13.0", "transformers>=5.24.0",
-                 *ELASTIC_REQUIRES]
+                 *ELASTIC_REQUIRES, *TPU_REQUIRES]
 
 setuptools.setup(
     name="posttrain_jax",
@@ -48,5 +54,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["posttrain_jax", "posttrain_jax.*"]),
     package_data={"posttrain_jax.data": ["corpus/*.txt", "vocab/*.model"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES, "elastic": ELASTIC_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "elastic": ELASTIC_REQUIRES, "tpu": TPU_REQUIRES},
 )

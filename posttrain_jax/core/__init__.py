@@ -15,4 +15,5 @@
   profiling        jax.profiler traces of chosen steps
   distributed      jax.distributed from the launcher's environment
   host_allocator   XLA:CPU malloc settings for the binaries
+  platforms        no TPU probe on hosts without a TPU (JAX_PLATFORMS when libtpu is installed)
 """
