@@ -34,7 +34,9 @@ model in memory at a time, plus the merged tree). See posttrain_jax/merging/.
 All directories (and --init) must hold the same architecture (model.gin), kind
 (all reward models, or all policies) and parameter layout; a training run
 directory stands for its newest checkpoint. OUT is a model directory of the
-merged models' kind.
+merged models' kind. Per-tensor statistics (SLERP angles, TIES thresholds,
+model stock ratios, DARE masks) are per layer in the scanned layout too, so a
+scanned checkpoint merges as the same checkpoint saved unscanned.
 """
 
 from __future__ import annotations

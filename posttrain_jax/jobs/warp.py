@@ -6,7 +6,8 @@ For i = 1..I (`rl.warp`): M `train_policy` runs from theta_init^i that differ
 only in prompt order (PromptConfig.seed = `rl.warp.prompt_seed`), each with its
 own EMA anchor (the train_policy settings: `warp.train_run = @train_policy`
 takes every `train_policy.*` binding); then theta_slerp^i, the recursive
-per-tensor SLERP of their task vectors, and theta_init^{i+1} = LITI(eta).
+per-tensor SLERP of their task vectors (one angle per layer and parameter,
+whether the checkpoints are scanned or not), and theta_init^{i+1} = LITI(eta).
 
 The M runs of an iteration run one after the other, each on the whole mesh
 (not as M replicas on the replica axis: the runs are independent, so the
@@ -15,7 +16,8 @@ train_policy run directory, resumable on its own).
 
 Layout under run_dir:
   iteration_<i>/run_<m>/   a train_policy run directory (checkpoints, TensorBoard)
-  iteration_<i>/slerp/     theta_slerp^i (model directory) + angles.json
+  iteration_<i>/slerp/     theta_slerp^i (model directory) + angles.json (per layer tensor,
+                           keyed by its unscanned path)
   iteration_<i>/liti/      theta_init^{i+1} (model directory)
   warp.json                the plan, the directories, the angle summaries
   (TensorBoard events)     warp/angle_{mean,min,max}_deg per iteration

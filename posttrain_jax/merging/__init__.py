@@ -7,7 +7,8 @@
   model_stock      per-tensor interpolation towards the init (arXiv 2403.19522)
   greedy_soup      add a model only if a held-out metric improves (arXiv 2203.05482)
   ratatouille      with_head: an RM's backbone with the target probe (arXiv 2212.10445)
-  leafwise         per-tensor merge rules over trees, shape checks
+  leafwise         per-tensor merge rules over trees (per layer in scanned leaves),
+                   shape checks
   streaming        the same rules leaf by leaf from orbax checkpoints
   model_dirs       load_models, write_model, merge_model_dirs, slerp_model_dirs,
                    liti_model_dirs, check_models, stream_merge_dirs

@@ -14,6 +14,8 @@ prediction equals the average of the predictions exactly.
 On the Benefits of Weight Averaged Rewarded Policies", arXiv 2406.16768,
 Sec. 3): spherical interpolation of task vectors delta_m = theta_m - theta_init
 tensor by tensor, recursive for M > 2, and interpolation towards the init.
+"Tensor" is one layer's tensor in either parameter layout: a scanned leaf's
+layers each get their own angle (`merging.leafwise`).
 
 All merges here are pure (pytrees in, pytree out); `merging.model_dirs`
 applies them to model directories.
@@ -27,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-
+from posttrain_jax.merging.leafwise import layer_slices, merge_leaves, scanned_leaves
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -104,15 +106,17 @@ def slerp(init, params_1, params_2, lam: float = 0.5, eps: float = 1e-6):
                        + sin(lam Omega) / sin(Omega) * delta_2,
 
   delta_m = theta_m - theta_init, Omega = angle(delta_1, delta_2) of that
-  tensor. lam = 0 gives theta_1, lam = 1 theta_2; equal-norm task vectors
-  keep their norm. Falls back to LERP theta_init + (1 - lam) delta_1 +
-  lam delta_2 when sin(Omega) < eps or a task vector is ~0. Computed in
-  float64 on the host, returned in each leaf's dtype.
+  tensor (of each layer, in scanned leaves too). lam = 0 gives theta_1,
+  lam = 1 theta_2; equal-norm task vectors keep their norm. Falls back to
+  LERP theta_init + (1 - lam) delta_1 + lam delta_2 when sin(Omega) < eps or
+  a task vector is ~0. Computed in float64 on the host, returned in each
+  leaf's dtype.
   """
   if not 0.0 <= lam <= 1.0:
     raise ValueError(f"SLERP lambda must be in [0, 1], got {lam}.")
   _check_same_structure([init, params_1, params_2])
-  return jax.tree.map(lambda a, b, c: _slerp_leaf(a, b, c, lam, eps), init, params_1, params_2)
+  rule = lambda path, t0, leaves: _slerp_leaf(t0, leaves[0], leaves[1], lam, eps)
+  return merge_leaves(rule, [params_1, params_2], init)
 
 
 def slerp_many(init, params_list: Sequence[Any], lam: float | None = None):
@@ -145,18 +149,22 @@ def task_vector_angles(init, params_1, params_2, eps: float = 1e-6) -> dict[str,
 
   the angle `slerp` uses for that tensor (WARP, arXiv 2406.16768, Sec. 3.2:
   ~90 degrees between the task vectors of two RL runs). NaN where a task
-  vector is ~0 (|delta| < eps: SLERP falls back to LERP there).
+  vector is ~0 (|delta| < eps: SLERP falls back to LERP there). Scanned
+  leaves give one angle per layer, keyed by the layer's unscanned path, so
+  both layouts give the same dict.
   """
   _check_same_structure([init, params_1, params_2])
   flat = [jax.tree_util.tree_flatten_with_path(t)[0] for t in (init, params_1, params_2)]
+  scans = scanned_leaves(path for path, _ in flat[0])
   out = {}
   for (path, t0), (_, t1), (_, t2) in zip(*flat):
-    t0, t1, t2 = (np.asarray(t, np.float64) for t in (t0, t1, t2))
-    d1, d2 = (t1 - t0).ravel(), (t2 - t0).ravel()
-    n1, n2 = np.linalg.norm(d1), np.linalg.norm(d2)
-    if n1 < eps or n2 < eps:
-      out[jax.tree_util.keystr(path)] = float("nan")
-      continue
-    cos = np.clip(np.dot(d1, d2) / (n1 * n2), -1.0, 1.0)
-    out[jax.tree_util.keystr(path)] = float(np.degrees(np.arccos(cos)))
+    for key, parts in layer_slices(path, scans.get(jax.tree_util.keystr(path)), [t0, t1, t2]):
+      t0_, t1_, t2_ = (np.asarray(t, np.float64) for t in parts)
+      d1, d2 = (t1_ - t0_).ravel(), (t2_ - t0_).ravel()
+      n1, n2 = np.linalg.norm(d1), np.linalg.norm(d2)
+      if n1 < eps or n2 < eps:
+        out[key] = float("nan")
+        continue
+      cos = np.clip(np.dot(d1, d2) / (n1 * n2), -1.0, 1.0)
+      out[key] = float(np.degrees(np.arccos(cos)))
   return out

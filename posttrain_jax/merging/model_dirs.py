@@ -5,7 +5,8 @@ Applies the pure merges of `merging.interpolation` to model directories
 checks that every directory shares one architecture (layout-only settings such
 as scan_layers or dtype may differ), the merge runs on the parameter trees and
 `write_model` writes a model directory of the same kind, recording what was
-merged with which weights.
+merged with which weights. The merges are per layer in either layout
+(`merging.leafwise`), so a scanned directory merges as its unscanned twin.
 """
 
 from __future__ import annotations

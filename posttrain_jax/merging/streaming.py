@@ -9,7 +9,10 @@ the merged tree plus M + 1 tensors, instead of M + 1 trees. Because the rule
 is the one the in-memory merge (`merge_leaves`) uses, the two agree exactly.
 
 All checkpoints must hold the same tensors in the same layout (scanned or
-unscanned) and shapes; the merged tree keeps that layout.
+unscanned) and shapes; the merged tree keeps that layout. A scanned tensor
+(all layers of one attention-pattern position) is merged layer by layer, as
+`merge_leaves` does (`leafwise.apply_rule`), so the merge does not depend on
+the saved layout.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from posttrain_jax.merging.leafwise import Rule, check_same_shapes
+from posttrain_jax.merging.leafwise import Rule, apply_rule, check_same_shapes, scanned_leaves
 from posttrain_jax.models import params_checkpoint
 
 
@@ -67,6 +70,9 @@ def stream_merge(rule: Rule, directories: Sequence[str], init: str | None = None
   init_loc = locations[0] if init is not None else None
   model_locs = locations[1:] if init is not None else locations
   model_tensors = tensors[-len(directories):]
+  paths = {key: tuple(jax.tree_util.DictKey(k) for k in keys)
+           for key, (keys, _, _) in model_tensors[0].items()}
+  scans = scanned_leaves(paths.values())
   merged: dict = {}
   for key, (keys, shape, _) in model_tensors[0].items():
     leaves = [read_tensor(loc, keys, shape, t[key][2])
@@ -75,5 +81,5 @@ def stream_merge(rule: Rule, directories: Sequence[str], init: str | None = None
     node = merged
     for k in keys[:-1]:
       node = node.setdefault(k, {})
-    node[keys[-1]] = rule(key, t0, leaves)
+    node[keys[-1]] = apply_rule(rule, paths[key], scans.get(key), t0, leaves)
   return merged

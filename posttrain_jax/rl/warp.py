@@ -8,7 +8,8 @@ Policies", arXiv 2406.16768, Sec. 3 and Algorithm 1) iterates I times:
       KL-regularised REINFORCE with its own EMA anchor
       (r_beta = r - beta log(pi_theta / pi_ema), theta_ema <- (1 - mu) theta_ema + mu theta);
     theta_slerp^i = recursive SLERP of their task vectors delta_m = theta_m - theta_init^i,
-      tensor by tensor with its own angle (slerp_m = slerp(init, slerp_{m-1}, theta_m, 1/m));
+      tensor by tensor with its own angle (slerp_m = slerp(init, slerp_{m-1}, theta_m, 1/m);
+      one angle per layer and parameter, also in the scanned layout);
     theta_init^{i+1} = (1 - eta) theta_init^i + eta theta_slerp^i        (LITI)
 
 and delivers the front {(1 - eta) theta_sft + eta theta_slerp^I : eta in [0, 1]}.

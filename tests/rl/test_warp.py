@@ -42,6 +42,25 @@ def test_slerp_is_per_tensor_with_its_own_angle():
   assert not np.allclose(np.concatenate([out["a"] - init["a"], out["b"] - init["b"]]), whole)
 
 
+def test_scanned_leaves_get_one_angle_per_layer():
+  """A scanned leaf (models/layout.py: layers/{type}_{j}, layers stacked on axis 0)
+  holding a 30- and a 120-degree layer: each layer is slerped with its own angle,
+  reported under its unscanned path."""
+  rng = np.random.default_rng(2)
+  (a1, a2), (b1, b2) = (_pair(math.cos(math.radians(d)), 6, rng) for d in (30, 120))
+  init = {"layers": {"local_0": {"w": rng.normal(size=(2, 6))}}}
+  t1 = {"layers": {"local_0": {"w": init["layers"]["local_0"]["w"] + np.stack([a1, b1])}}}
+  t2 = {"layers": {"local_0": {"w": init["layers"]["local_0"]["w"] + np.stack([a2, b2])}}}
+  assert task_vector_angles(init, t1, t2) == pytest.approx(
+      {"['layer_0']['w']": 30.0, "['layer_1']['w']": 120.0}, abs=1e-9)
+  out = slerp(init, t1, t2, 0.3)["layers"]["local_0"]["w"] - init["layers"]["local_0"]["w"]
+  np.testing.assert_allclose(out, np.stack([_closed_form(a1, a2, 0.3),
+                                            _closed_form(b1, b2, 0.3)]), atol=1e-12)
+  # a "layers" node not named like the scanned layout is an ordinary leaf
+  other = lambda t: {"layers": {"dense": t["layers"]["local_0"]}}
+  assert list(task_vector_angles(other(init), other(t1), other(t2))) == ["['layers']['dense']['w']"]
+
+
 def test_recursive_slerp_with_two_models_is_the_closed_form():
   rng = np.random.default_rng(1)
   d1, d2 = rng.normal(size=5), rng.normal(size=5)
