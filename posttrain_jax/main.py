@@ -12,17 +12,18 @@ POSTTRAIN_JAX_TRACEBACK=1 for the full traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
+import sys
 
 # Quiet TF/absl before anything imports them.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import gin  # pylint: disable=g-import-not-at-top
 
-from posttrain_jax import cli
+from posttrain_jax import cli, gin_usage
 from posttrain_jax.core import distributed
-from posttrain_jax.core.checkpointing import CheckpointDamagedError
 from posttrain_jax.core.nonfinite_guard import NonFiniteError
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
@@ -80,10 +81,42 @@ def register_configurables():
   register_configurables.done = True
 
 
+def check_bindings_used(name: str, flags: cli.GinFlags, allow: bool = False) -> None:
+  """Refuses (allow: warns about) bindings and macros job `name` never reads.
+
+  A gin file's binding that only a command-line binding made unread (e.g.
+  --gin.train.eval_data=None orphans the file's eval_data/DatasetConfig.*) is
+  not reported: the file alone reads it, and the override says what was meant.
+  """
+  unused = gin_usage.unused_bindings(gin_usage.job_roots(name))
+  if unused and flags.bindings:
+    typed = gin_usage.binding_names(flags.bindings)
+    try:  # what the gin files alone have their job read
+      gin.clear_config()
+      cli.configure(dataclasses.replace(flags, bindings=[]), finalize=False)
+      by_files = gin_usage.read_bindings(gin_usage.job_roots(gin_usage.selected_job()))
+    except cli.ConfigError:
+      by_files = set()
+    finally:
+      gin.clear_config()
+      cli.configure(flags)
+    unused = [u for u in unused if u.name() in typed or
+              (u.scope, u.selector, u.param) not in by_files]
+  if not unused:
+    return
+  if not allow:
+    raise cli.ConfigError(gin_usage.describe(unused, name, flags.bindings, JOBS))
+  print(f"posttrain_jax: warning: "
+        f"{gin_usage.describe(unused, name, flags.bindings, JOBS, advice=False)}"
+        " (--allow_unused_bindings).", file=sys.stderr)
+
+
 def main(argv) -> int:
   flags = cli.parse_flags(argv)
   modules = [a.partition("=")[2] for a in flags.rest if a.startswith("--module_import=")]
   flags.rest = [a for a in flags.rest if not a.startswith("--module_import=")]
+  options = {a for a in flags.rest if a in ("--allow_unused_bindings", "--check_config")}
+  flags.rest = [a for a in flags.rest if a not in options]
   if flags.rest:
     raise cli.ConfigError(f"Unknown arguments: {' '.join(flags.rest)}. Use "
                           "--gin_file=FILE and --gin.NAME=VALUE.")
@@ -105,6 +138,10 @@ def main(argv) -> int:
   name = cli.call(gin.get_configurable("posttrain_jax.job"))
   if name not in JOBS:
     raise cli.ConfigError(f"Unknown job.name {name!r}; choose one of {sorted(JOBS)}.")
+  check_bindings_used(name, flags, allow="--allow_unused_bindings" in options)
+  if "--check_config" in options:
+    print(f"posttrain_jax: configuration of job '{name}' resolves; --check_config: not run")
+    return 0
   job_fn = gin.get_configurable(f"posttrain_jax.{name}")
   try:
     cli.call(job_fn, operative_config=gin.config_str())
@@ -112,7 +149,6 @@ def main(argv) -> int:
     if os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
       raise
     raise cli.ConfigError(cli.strip_gin_context(str(e))) from e
-  except (NonFiniteError, CheckpointDamagedError) as e:
     raise cli.RunError(cli.strip_gin_context(str(e))) from e
   return 0
 

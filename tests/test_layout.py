@@ -17,7 +17,7 @@ PACKAGE = os.path.join(REPO, "posttrain_jax")
 # of a lower rank (and itself); equal ranks are independent of each other.
 RANK = {"core": 0, "models": 1, "data": 1, "inference": 2, "interop": 2,
         "distillation": 3, "rl": 4, "merging": 5, "diloco": 6, "jobs": 7,
-        "cli": 8, "main": 9}
+        "aot": 7, "cli": 8, "gin_usage": 8, "main": 9}
 MAX_LINES = 550
 
 
