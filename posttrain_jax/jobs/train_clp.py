@@ -34,8 +34,9 @@ from posttrain_jax.rl import clp as clp_lib
 from posttrain_jax.rl import clp_training
 from posttrain_jax.rl.clp_training import read_clp_json, sentencepiece_encoder, write_clp_json  # pylint: disable=unused-import
 from posttrain_jax.rl.gold_reward import VOCAB_PATH
-from posttrain_jax.rl.policy_training import (load_eval_prompts, prompt_iterator,
-                                             repeated_prompts, resolve_reward)
+from posttrain_jax.rl.policy_training import (load_eval_prompts, policy_tokenizer,
+                                             prompt_iterator, repeated_prompts,
+                                             resolve_reward)
 
 SHOWN = (("reward", "w.r", "{:.3f}"), ("reward_0", "r0", "{:.3f}"), ("reward_1", "r1", "{:.3f}"),
          ("kl_sft", "kl_sft", "{:.3f}"), ("response_length", "len", "{:.1f}"),
@@ -97,9 +98,12 @@ def train_clp(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: st
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   eval_weights = [clp_lib.check_weights(w, clp.num_rewards) for w in eval_weights]
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1})
-  scores = [resolve_reward(r, mesh) for r in rewards]
-  encode = sentencepiece_encoder(vocab_path) if clp.prompt_conditioning else None
   data = prompt_source or prompt_iterator(prompts)
+  tokenizer = (policy_tokenizer(initial_checkpoint, prompts)
+               if any(os.path.isdir(r) for r in rewards) else None)
+  scores = [resolve_reward(r, mesh, vocab_size=model_config.vocab_size, tokenizer=tokenizer,
+                           policy=f"the policy ({initial_checkpoint})") for r in rewards]
+  encode = sentencepiece_encoder(vocab_path) if clp.prompt_conditioning else None
   os.makedirs(run_dir, exist_ok=True)
   schedule, tx = optimizer.build(num_steps)
   trainer = clp_training.CLPTrainer(model_config, clp, tx, schedule, mesh, beta=beta,

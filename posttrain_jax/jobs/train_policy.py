@@ -33,11 +33,12 @@ from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.inference.sampling import Sampler, SamplingConfig
 from posttrain_jax.models import ModelConfig, params_checkpoint
 from posttrain_jax.rl import mixed_rollout
+from posttrain_jax.rl import nonfinite_rewards as nonfinite_rewards_lib
 from posttrain_jax.rl import policy_optimization as po
 from posttrain_jax.rl import rewards as rewards_lib
 from posttrain_jax.rl.policy_training import (
-    PolicyState, PolicyTrainer, load_eval_prompts, prompt_iterator, repeated_prompts,
-    resolve_reward, sample_batch)
+    PolicyState, PolicyTrainer, load_eval_prompts, policy_tokenizer, prompt_iterator,
+    repeated_prompts, resolve_reward, sample_batch)
 from posttrain_jax.rl.reinforce import Reinforce
 
 SHOWN = (("reward", "reward", "{:.3f}"), ("gold_reward", "gold", "{:.3f}"),
@@ -83,6 +84,7 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                  keep_checkpoints: int | None = 3, async_checkpointing: bool = True,
                  log_every: int = 10, eos_id: int | None = 1,
                  nonfinite_policy: str = "skip", max_consecutive_nonfinite: int = 10,
+                 nonfinite_rewards: str = "drop_rows",
                  operative_config: str | None = None, prompt_source=None,
                  eval_prompt_list: list[list[int]] | None = None,
                  diloco: DiLoCoConfig | None = None,
@@ -96,7 +98,13 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     initial_checkpoint: the SFT model (model or run directory): the policy's
       initialisation, the EMA anchor's start and the fixed "kl_sft" reference.
     reward: a registered reward name (`rewards.names()`, e.g. "gold") or a
-      reward model directory (`reward_model.save_reward_model`).
+      reward model directory (`reward_model.save_reward_model`); a reward model
+      with another vocab_size (or recorded tokenizer) than the policy is
+      refused before any step.
+    nonfinite_rewards: rows whose reward is NaN/inf: "drop_rows" (default:
+      left out of the update and its baselines, a warning names the reward and
+      the rows, metric nonfinite_rewards counts them), "skip_step" (the step is
+      not applied and counts for nonfinite_policy) or "error" (stop, exit 1).
     num_steps: total RL steps (a resumed run counts from its checkpoint).
     prompts: the training prompts (PromptConfig; batch_size = prompts per step);
       each is sampled samples_per_prompt times, so a step has
@@ -155,10 +163,14 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     raise ValueError("anchor_reset_every needs anchor = 'ema' (a stored anchor), got "
                      f"{anchor!r}.")
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
+  po.check_nonfinite_rewards(nonfinite_rewards)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
-  score = resolve_reward(reward, mesh)
-  gold = rewards_lib.get("gold") if gold_reward else None
   data = prompt_source or prompt_iterator(prompts)
+  score = resolve_reward(reward, mesh, vocab_size=model_config.vocab_size,
+                         tokenizer=(policy_tokenizer(initial_checkpoint, prompts)
+                                    if os.path.isdir(reward) else None),
+                         policy=f"the policy ({initial_checkpoint})")
+  gold = rewards_lib.get("gold") if gold_reward else None
   shards = int(np.prod([mesh.shape[a] for a in ("replica", "data", "fsdp")]))
   batch_size = (prompts.batch_size if prompts else data.batch_size) * samples_per_prompt
   if batch_size % shards:
@@ -177,7 +189,8 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
                           ema_rate=ema_rate, samples_per_prompt=samples_per_prompt,
                           algorithm=algorithm, num_epochs=num_epochs,
                           num_minibatches=num_minibatches,
-                          num_microbatches=num_microbatches)
+                          num_microbatches=num_microbatches,
+                          nonfinite_rewards=nonfinite_rewards)
   sampler = Sampler(model_config, SamplingConfig(max_new_tokens=max_new_tokens,
                                                  temperature=temperature, eos_id=eos_id),
                     mesh)
@@ -221,6 +234,9 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
   if start >= num_steps:
     reporter.print(f"run already complete at step {start} (num_steps={num_steps})")
   base_rng = jax.random.key(seed)
+  check = nonfinite_rewards_lib.RewardCheck(reward, nonfinite_rewards, reporter.print,
+                                            "train_policy.nonfinite_rewards")
+  scored = lambda sample, step: check(step, score(sample))
 
   def evaluate(step):
     params = eval_params(state)
@@ -248,14 +264,16 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
           anchor_params = sft_params if state.anchor_params is None else state.anchor_params
           sample = mixed_rollout.sample(sampler, {"policy": state.params, "anchor": anchor_params},
                                         prompt_list, key, prompt_length, sources)
-        state, metrics = trainer.step(state, sft_params, sample_batch(sample, score(sample)))
+        state, metrics = trainer.step(state, sft_params,
+                                      sample_batch(sample, scored(sample, step)))
         if anchor_reset_every and step % anchor_reset_every == 0:
           state = mixed_rollout.reset_anchor(state)
       else:  # block m sampled from replica m's params
         sample = diloco_policy.sample_replicas(sampler, state, prompt_list, key,
                                                prompt_length, trainer.param_shardings)
         state, metrics = step_trainer.train_step(
-            state, diloco_policy.loop_batch(step_trainer, sample_batch(sample, score(sample))),
+            state, diloco_policy.loop_batch(step_trainer,
+                                            sample_batch(sample, scored(sample, step))),
             sft_params)
       if gold is not None:
         metrics["gold_reward"] = jnp.mean(gold(sample.tokens, sample.generated_mask))

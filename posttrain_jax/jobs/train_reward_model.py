@@ -25,11 +25,13 @@ from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.core.progress import job_reporter
 from posttrain_jax.core.step_loop import StepLoop
 from posttrain_jax.data.dataset_config import DatasetConfig
+from posttrain_jax.jobs.train import check_token_ids
 from posttrain_jax.models import ModelConfig, params_checkpoint
 from posttrain_jax.rl import reward_model
 from posttrain_jax.rl.reward_model import RewardModel
 from posttrain_jax.rl.reward_training import RewardTrainer, pair_eval_batches, pair_iterator
 
+TOKEN_KEYS = ("chosen_tokens", "rejected_tokens")
 SHOWN = (("loss", "loss", "{:.4f}"), ("accuracy", "acc", "{:.3f}"),
          ("margin", "margin", "{:.3f}"), ("learning_rate", "lr", "{:.2e}"),
          ("grad_norm", "gnorm", "{:.3f}"))
@@ -70,6 +72,7 @@ def _initial_params(trainer: RewardTrainer, cfg: ModelConfig, initial_checkpoint
     return trainer.init_params(jax.random.key(seed)), "randomly initialised backbone"
   if not os.path.exists(initial_checkpoint):
     raise FileNotFoundError(f"initial_checkpoint {initial_checkpoint} does not exist.")
+  check_vocabulary(initial_checkpoint, cfg)
   abstract = trainer.abstract_state.params
   if reward_model.is_reward_model(initial_checkpoint):
     params = reward_model.restore_reward_params(initial_checkpoint, abstract, cfg)
@@ -78,6 +81,24 @@ def _initial_params(trainer: RewardTrainer, cfg: ModelConfig, initial_checkpoint
   params["backbone"] = params_checkpoint.restore_params(initial_checkpoint,
                                                        abstract["backbone"], cfg)
   return params, f"backbone from {os.path.abspath(initial_checkpoint)}"
+
+
+def _tokenizer(initial_checkpoint: str | None, train_data: DatasetConfig):
+  """The backbone's recorded tokenizer, else the preference task's (None: unknown)."""
+  record = (reward_model.recorded_tokenizer(initial_checkpoint)
+            if initial_checkpoint and os.path.isdir(initial_checkpoint) else None)
+  return record or reward_model.task_tokenizer(train_data.task_name)
+
+
+def check_vocabulary(initial_checkpoint: str, cfg: ModelConfig) -> None:
+  """One line if the backbone's checkpoint has another vocab_size than cfg."""
+  saved = params_checkpoint.model_config_of(params_checkpoint.locate(initial_checkpoint))
+  if saved.vocab_size != cfg.vocab_size:
+    raise ValueError(
+        f"initial_checkpoint {initial_checkpoint} has vocab_size {saved.vocab_size} but "
+        f"the reward model's ModelConfig.vocab_size is {cfg.vocab_size}: the reward model "
+        "must read the policy's tokens. Fix: configure the reward model with the SFT "
+        "model's model.gin.")
 
 
 def train_reward_model(
@@ -111,7 +132,11 @@ def train_reward_model(
     optimizer: AdamW + warmup/cosine of the FT phase (schedule over the FT steps).
     initial_checkpoint: SFT model directory or run for the backbone (a reward
       model directory restores backbone and head). Required unless
-      allow_random_init.
+      allow_random_init. Its vocab_size must be model_config's, and every
+      pair's token ids must lie below it (one line before the step otherwise).
+      The export records the tokenizer (reward_model.json "tokenizer"): the
+      checkpoint's recorded one, else the preference task's vocabulary, which
+      policy jobs compare with theirs.
     head_dropout: dropout on the last token's hidden state during FT.
     seed: dropout rng (and random init).
     eval_data / eval_every / eval_batches: pairwise accuracy on held-out pairs.
@@ -166,6 +191,8 @@ def train_reward_model(
   eval_set = None
   if eval_data is not None:
     eval_set = pair_eval_batches(eval_data, eval_batches)
+    for local in eval_set:
+      check_token_ids(local, model_config.vocab_size, TOKEN_KEYS)
   base_rng = jax.random.key(seed)
   eval_metrics, probe_head = {}, None
   loop = StepLoop(start=start, num_steps=num_steps, guard=guard, reporter=reporter,
@@ -174,6 +201,7 @@ def train_reward_model(
     for step in loop:
       probe = step <= k
       local = next(probe_data if probe else data)
+      check_token_ids(local, model_config.vocab_size, TOKEN_KEYS)
       state, metrics = trainer.train_step(state, trainer.shard_batch(local),
                                           jax.random.fold_in(base_rng, step), probe=probe)
       loop.end_step(step, state, metrics)
@@ -195,7 +223,8 @@ def train_reward_model(
         info={"linear_probe_steps": k, "num_steps": num_steps,
               "learning_rate": optimizer.learning_rate, "data_seed": train_data.seed,
               "initial_checkpoint": (os.path.abspath(initial_checkpoint)
-                                     if initial_checkpoint else None)})
+                                     if initial_checkpoint else None),
+              reward_model.TOKENIZER: _tokenizer(initial_checkpoint, train_data)})
     reporter.print(f"exported reward model to {exported}")
   return RewardTrainResult(
       final_step=loop.final_step,

@@ -118,13 +118,19 @@ def jbond_reward(reward: Array, anchor_1: Array, anchor_2: Array) -> Array:
   return jnp.where(worse, -LOG16, 0.0).astype(jnp.float32)
 
 
-def batch_loo_baseline(returns: Array) -> Array:
-  """b_i = mean of the other entries of `returns` (all of the batch); 0 if alone."""
+def batch_loo_baseline(returns: Array, valid: Array | None = None) -> Array:
+  """b_i = mean of the other entries of `returns` (all of the batch); 0 if alone.
+  valid (0/1, returns' shape): only valid entries count (rows with a non-finite
+  reward are left out)."""
   flat = returns.reshape(-1).astype(jnp.float32)
   n = flat.shape[0]
   if n < 2:
     return jnp.zeros_like(returns, jnp.float32)
-  return ((jnp.sum(flat) - flat) / (n - 1)).reshape(returns.shape)
+  if valid is None:
+    return ((jnp.sum(flat) - flat) / (n - 1)).reshape(returns.shape)
+  v = valid.reshape(-1).astype(jnp.float32)
+  flat = jnp.where(v > 0, flat, 0.0)
+  return ((jnp.sum(flat) - flat) / jnp.maximum(jnp.sum(v) - v, 1.0)).reshape(returns.shape)
 
 
 def first_best(rewards: Array) -> Array:
@@ -133,8 +139,8 @@ def first_best(rewards: Array) -> Array:
 
 
 def jeffreys_coefficients(backward_return: Array, best_onehot: Array, beta: float,
-                          reg: Array | None = None, gamma: float = 0.0
-                          ) -> tuple[Array, Array]:
+                          reg: Array | None = None, gamma: float = 0.0,
+                          valid: Array | None = None) -> tuple[Array, Array]:
   """Per-row coefficients c of grad log pi in the ascent direction
   (the loss is -sum c log pi): policy rows [B, P] and anchor rows [B, A].
 
@@ -143,7 +149,7 @@ def jeffreys_coefficients(backward_return: Array, best_onehot: Array, beta: floa
   beta = 0 is pure forward KL (SFT on Best-of-N), beta = 1 pure backward.
   """
   p = backward_return.shape[-1]
-  adv = backward_return - batch_loo_baseline(backward_return)
+  adv = backward_return - batch_loo_baseline(backward_return, valid)
   pol = beta * adv / p
   if reg is not None and gamma:
     pol = pol - gamma * reg
@@ -202,6 +208,10 @@ class BOND:
   def advantages(self, rollout, beta: float, samples_per_prompt: int):
     del beta  # the KL weight is fixed by N
     g, p = samples_per_prompt, self.num_policy
+    valid = getattr(rollout, "valid", None)  # per group here (no masks_rows)
+    ok = (jnp.ones(rollout.rewards.shape[0] // g) if valid is None
+          else valid.reshape(-1, g)[:, 0].astype(jnp.float32))
+    mean = lambda x: jnp.sum(ok * x) / jnp.maximum(jnp.sum(ok), 1.0)  # over the groups
     r = rollout.rewards.astype(jnp.float32).reshape(-1, g)
     log_ratio = (jnp.sum(rollout.logp_old, -1)
                  - jnp.sum(rollout.logp_ref, -1)).reshape(-1, g)
@@ -210,22 +220,24 @@ class BOND:
     best = first_best(r_anc[:, :self.n])
     best = jnp.pad(best, ((0, 0), (0, r_anc.shape[1] - self.n)))
     reg, gamma = self.regulariser(log_ratio[:, :p])
-    pol, anc = jeffreys_coefficients(ret, best, self.beta, reg, gamma)
+    pol, anc = jeffreys_coefficients(ret, best, self.beta, reg, gamma,
+                                     None if valid is None else jnp.broadcast_to(
+                                         ok[:, None], ret.shape))
     adv = jnp.concatenate([pol, anc], axis=1).reshape(-1)
     weights = jnp.full_like(adv, 1.0 / g)    # sum = prompts: per-prompt means
     bon_quantile = quantile_estimate(jnp.sum(best * r_anc, -1), r_anc)
     k_eff = self.n - 1
     metrics = {
-        "bond/quantile": jnp.mean(p_hat),          # reward quantile vs the anchor
-        "bond/policy_reward": jnp.mean(r_pol),
-        "bond/anchor_reward": jnp.mean(r_anc),
-        "bond/best_of_n_reward": jnp.mean(jnp.sum(best * r_anc, -1)),
-        "bond/backward_return": jnp.mean(ret),
+        "bond/quantile": mean(jnp.mean(p_hat, -1)),   # reward quantile vs the anchor
+        "bond/policy_reward": mean(jnp.mean(r_pol, -1)),
+        "bond/anchor_reward": mean(jnp.mean(r_anc, -1)),
+        "bond/best_of_n_reward": mean(jnp.sum(best * r_anc, -1)),
+        "bond/backward_return": mean(jnp.mean(ret, -1)),
         # KL(pi || pi_BoN) ~ E_pi[log pi - log pi_a - (N-1) log p_hat] (collision dropped)
-        "bond/backward_kl": jnp.mean(ret * -1.0),
+        "bond/backward_kl": mean(jnp.mean(ret * -1.0, -1)),
         # KL(pi_BoN || pi) ~ E_BoN[log pi_a - log pi + (N-1) log p_hat] (same caveat)
-        "bond/forward_kl": jnp.mean(jnp.sum(best * -log_ratio[:, p:], -1)
-                                    + k_eff * jnp.log(jnp.maximum(bon_quantile, 1e-6))),
+        "bond/forward_kl": mean(jnp.sum(best * -log_ratio[:, p:], -1)
+                                + k_eff * jnp.log(jnp.maximum(bon_quantile, 1e-6))),
     }
     return adv, weights, metrics
 

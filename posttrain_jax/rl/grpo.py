@@ -53,17 +53,42 @@ def k3_kl(logp: jax.Array, logp_ref: jax.Array) -> jax.Array:
 
 
 def group_advantages(rewards: jax.Array, samples_per_prompt: int, scale: bool = True,
-                     eps: float = 1e-4) -> jax.Array:
-  """[b] (r_i - mean_g) / (std_g + eps) over consecutive groups of G rows."""
+                     eps: float = 1e-4, valid: jax.Array | None = None) -> jax.Array:
+  """[b] (r_i - mean_g) / (std_g + eps) over consecutive groups of G rows.
+
+  valid [b] (0/1): mean and std over the group's valid rows only (those of a
+  group of n valid rows are the advantages of that n-sample group); 0 on
+  invalid rows and in groups with fewer than 2 valid rows (`group_weights`).
+  """
   g = samples_per_prompt
   if rewards.shape[0] % g:
     raise ValueError(f"Batch of {rewards.shape[0]} sequences is not a whole number of "
                      f"groups of samples_per_prompt={g}.")
   groups = rewards.astype(jnp.float32).reshape(-1, g)
+  if valid is not None:
+    return _masked_group_advantages(groups, valid.reshape(-1, g), scale,
+                                    eps).reshape(rewards.shape)
   centred = groups - jnp.mean(groups, axis=1, keepdims=True)
   if scale:
     centred = centred / (jnp.std(groups, axis=1, ddof=1, keepdims=True) + eps)
   return centred.reshape(rewards.shape)
+
+
+def _masked_group_advantages(groups, valid, scale: bool, eps: float):
+  v = valid.astype(jnp.float32)
+  n = jnp.sum(v, axis=1, keepdims=True)
+  r = jnp.where(v > 0, groups, 0.0)
+  centred = r - jnp.sum(r, axis=1, keepdims=True) / jnp.maximum(n, 1.0)
+  if scale:
+    var = jnp.sum(v * centred**2, axis=1, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
+    centred = centred / (jnp.sqrt(var) + eps)
+  return jnp.where((v > 0) & (n >= 2), centred, 0.0)
+
+
+def group_weights(valid: jax.Array, samples_per_prompt: int) -> jax.Array:
+  """[b] 1 for valid rows of groups with >= 2 valid rows (a baseline exists)."""
+  v = valid.astype(jnp.float32).reshape(-1, samples_per_prompt)
+  return (v * (jnp.sum(v, axis=1, keepdims=True) >= 2)).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +102,7 @@ class GRPO:
   std_eps: float = 1e-4
   name = "GRPO"
   max_updates = None
+  masks_rows = True  # group statistics over rollout.valid rows (policy_optimization)
 
   def check(self, samples_per_prompt: int) -> None:
     if self.loss_normalization not in NORMALIZATIONS:
@@ -95,16 +121,28 @@ class GRPO:
 
   def advantages(self, rollout, beta: float, samples_per_prompt: int):
     del beta  # the KL is a loss term, not in the reward
-    r = rollout.rewards
-    adv = group_advantages(r, samples_per_prompt, self.scale_rewards, self.std_eps)
+    r, valid = rollout.rewards, getattr(rollout, "valid", None)
+    adv = group_advantages(r, samples_per_prompt, self.scale_rewards, self.std_eps, valid)
     groups = r.reshape(-1, samples_per_prompt)
-    informative = jnp.max(groups, 1) > jnp.min(groups, 1)
-    weights = jnp.ones_like(r)
+    if valid is None:
+      informative = jnp.max(groups, 1) > jnp.min(groups, 1)
+      weights = jnp.ones_like(r)
+      std = jnp.mean(jnp.std(groups, axis=1, ddof=1))
+    else:  # over the valid rows; a group with < 2 of them has no baseline
+      v = valid.reshape(-1, samples_per_prompt) > 0
+      informative = (jnp.max(jnp.where(v, groups, -jnp.inf), 1)
+                     > jnp.min(jnp.where(v, groups, jnp.inf), 1))
+      weights = group_weights(valid, samples_per_prompt)
+      counted = jnp.sum(v, 1) >= 2
+      dev = jnp.where(v, groups - jnp.sum(jnp.where(v, groups, 0.0), 1, keepdims=True)
+                      / jnp.maximum(jnp.sum(v, 1, keepdims=True), 1), 0.0)
+      group_std = jnp.sqrt(jnp.sum(dev**2, 1) / jnp.maximum(jnp.sum(v, 1) - 1, 1))
+      std = jnp.sum(jnp.where(counted, group_std, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
     if self.drop_uniform_groups:
-      weights = jnp.repeat(informative.astype(jnp.float32), samples_per_prompt)
+      weights = weights * jnp.repeat(informative.astype(jnp.float32), samples_per_prompt)
     return adv, weights, {
         "informative_groups": jnp.mean(informative.astype(jnp.float32)),
-        "group_reward_std": jnp.mean(jnp.std(groups, axis=1, ddof=1))}
+        "group_reward_std": std}
 
   def _token_weights(self, mask, seq_weights):
     """[b, T] weights w_{i,t} and their normaliser (sum of the 'weight')."""

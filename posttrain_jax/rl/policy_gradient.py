@@ -78,32 +78,66 @@ def check_baseline(kind: str, samples_per_prompt: int) -> None:
         "samples_per_prompt or use baseline 'mean'.")
 
 
-def baseline(rewards: Array, kind: str, samples_per_prompt: int = 1) -> Array:
+def _groups(x: Array, g: int) -> Array:
+  if x.shape[0] % g:
+    raise ValueError(f"Batch of {x.shape[0]} sequences is not a whole number "
+                     f"of groups of samples_per_prompt={g}.")
+  return x.reshape(-1, g)
+
+
+def baseline(rewards: Array, kind: str, samples_per_prompt: int = 1,
+             valid: Array | None = None) -> Array:
   """[b] baseline b_i for rewards [b] (the G samples of a prompt consecutive).
 
   none:           b_i = 0
   mean:           b_i = (1/B) sum_j R_j
   leave_one_out:  b_i = (1/(G-1)) sum_{j in group(i), j != i} R_j
+
+  valid [b] (0/1): only rows with valid = 1 enter the sums and counts (rows
+  with a non-finite reward, whose R_j may be anything finite, e.g. 0): the
+  baseline of the batch without those rows. A row without a defined baseline
+  (leave-one-out with no other valid row in its group) gets 0; its weight is 0
+  (`baseline_weights`).
   """
   check_baseline(kind, samples_per_prompt)
   rewards = rewards.astype(jnp.float32)
   if kind == "none":
     return jnp.zeros_like(rewards)
+  if valid is None:
+    if kind == "mean":
+      return jnp.broadcast_to(jnp.mean(rewards), rewards.shape)
+    g = samples_per_prompt
+    groups = _groups(rewards, g)
+    others = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (g - 1)
+    return others.reshape(rewards.shape)
+  v = valid.astype(jnp.float32)
+  r = jnp.where(v > 0, rewards, 0.0)
   if kind == "mean":
-    return jnp.broadcast_to(jnp.mean(rewards), rewards.shape)
-  g = samples_per_prompt
-  if rewards.shape[0] % g:
-    raise ValueError(f"Batch of {rewards.shape[0]} sequences is not a whole number "
-                     f"of groups of samples_per_prompt={g}.")
-  groups = rewards.reshape(-1, g)
-  others = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (g - 1)
+    return jnp.broadcast_to(jnp.sum(r) / jnp.maximum(jnp.sum(v), 1.0), rewards.shape)
+  groups, vg = _groups(r, samples_per_prompt), _groups(v, samples_per_prompt)
+  others = ((jnp.sum(groups, axis=1, keepdims=True) - groups)
+            / jnp.maximum(jnp.sum(vg, axis=1, keepdims=True) - vg, 1.0))
   return others.reshape(rewards.shape)
 
 
-def advantages(rewards: Array, kind: str, samples_per_prompt: int = 1) -> Array:
-  """A_i = R_i - b_i (stop-gradient)."""
-  return jax.lax.stop_gradient(rewards.astype(jnp.float32)
-                               - baseline(rewards, kind, samples_per_prompt))
+def baseline_weights(kind: str, samples_per_prompt: int, valid: Array) -> Array:
+  """[b] 1 for the valid rows that have a baseline, else 0: leave-one-out needs
+  another valid row in the group (a group of one valid sample is dropped)."""
+  v = valid.astype(jnp.float32)
+  if kind != "leave_one_out":
+    return v
+  vg = _groups(v, samples_per_prompt)
+  enough = jnp.sum(vg, axis=1, keepdims=True) >= 2
+  return (vg * enough).reshape(v.shape)
+
+
+def advantages(rewards: Array, kind: str, samples_per_prompt: int = 1,
+               valid: Array | None = None) -> Array:
+  """A_i = R_i - b_i (stop-gradient); with `valid`, 0 on rows of weight 0."""
+  adv = rewards.astype(jnp.float32) - baseline(rewards, kind, samples_per_prompt, valid)
+  if valid is not None:
+    adv = jnp.where(baseline_weights(kind, samples_per_prompt, valid) > 0, adv, 0.0)
+  return jax.lax.stop_gradient(adv)
 
 
 def reinforce_loss_sums(logp: Array, advantage: Array,

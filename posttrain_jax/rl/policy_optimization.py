@@ -14,6 +14,7 @@ else is this module's `policy_step`, run inside one jitted, partitioned program
      reference log-probs log pi_ref (the anchor: the SFT model or its EMA);
   3. `algorithm.advantages(rollout)` -> per-sequence advantages [b] and
      per-sequence weights [b] (0 drops a sequence, e.g. DAPO's uniform groups);
+     rows with a non-finite reward are dropped first (`nonfinite_rewards`);
   4. num_epochs x num_minibatches optimizer steps (`trainer.optimizer_step`)
      of `algorithm.loss_sums` on strided row minibatches (minibatch k = rows
      k, k + n, ...: each device keeps its rows), the EMA anchor
@@ -31,6 +32,21 @@ An algorithm is any object with:
   loss_sums(token_logp [b, T], batch, beta) -> (objective_sum, sums incl "weight")
 where `batch` holds mask, logp_old, logp_ref [b, T], advantages and
 seq_weights [b]; the gradient of objective_sum / weight is what is descended.
+
+Non-finite rewards (`nonfinite_rewards`, host side: `rl.nonfinite_rewards`).
+"drop_rows" (default): a row whose reward is NaN/inf gets reward 0, weight 0 and
+advantage 0, and is left out of every baseline: an algorithm with
+`masks_rows = True` (REINFORCE, RLOO, GRPO) reads `rollout.valid` [b] (1 =
+finite) and computes its batch/group statistics over the valid rows only, so
+the update equals that of the batch without those rows (a group left without
+the two valid rows a leave-one-out or group-normalised baseline needs is
+dropped whole); any other algorithm (BOND's quantiles) loses the whole group
+of a bad row (rollout.valid is then 0 on the group's rows, for statistics
+across groups such as BOND's batch baseline). If no row is left, the step is
+not applied. "skip_step" / "error":
+any non-finite reward leaves the parameters unchanged (the job raises first on
+"error"). Either way metrics["nonfinite"] = 1 for an unapplied step (the
+NonFiniteGuard counts it) and metrics["nonfinite_rewards"] counts the rows.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ from posttrain_jax.rl import policy_gradient as pg
 
 Array = jax.Array
 LOSS_KEYS = ("tokens", "positions", "segment_ids", "mask")
+NONFINITE_REWARDS = ("drop_rows", "skip_step", "error")
 
 
 @flax.struct.dataclass
@@ -68,6 +85,7 @@ class Rollout:
   mask: Array
   logp_old: Array
   logp_ref: Array
+  valid: Array | None = None  # [b] 1 = the row's reward counts (module docstring)
 
 
 def forward(model: nn.Module, params, batch) -> Array:
@@ -151,9 +169,31 @@ def _updates(state: PolicyState, batch, *, model, tx, schedule, algorithm, beta,
                      anchor), metrics
 
 
+def finite_mean(x: Array) -> Array:
+  """Mean over the finite entries (0 if none): the reward of the rows that count."""
+  x = x.astype(jnp.float32)
+  ok = jnp.isfinite(x)
+  return jnp.sum(jnp.where(ok, x, 0.0)) / jnp.maximum(jnp.sum(ok.astype(jnp.float32)), 1.0)
+
+
+def check_nonfinite_rewards(policy: str) -> None:
+  if policy not in NONFINITE_REWARDS:
+    raise ValueError(f"nonfinite_rewards must be one of {list(NONFINITE_REWARDS)}, got "
+                     f"{policy!r}.")
+
+
+def _valid_rows(finite: Array, algorithm, samples_per_prompt: int) -> Array:
+  """[b] 0/1: the rows whose reward counts; without masks_rows a bad row's group."""
+  valid = finite.astype(jnp.float32)
+  if getattr(algorithm, "masks_rows", False):
+    return valid
+  g = samples_per_prompt
+  return jnp.repeat(jnp.min(valid.reshape(-1, g), axis=1), g)
+
+
 def sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums) -> dict[str, Array]:
   mask = batch["mask"]
-  return {"reward": jnp.mean(batch["rewards"].astype(jnp.float32)),
+  return {"reward": finite_mean(batch["rewards"]),
           "kl_sft": mc_sequence_kl(tok_lp, tok_lp_sft, mask)["kl"],
           "entropy": entropy_sums[0] / jnp.maximum(entropy_sums[1], 1.0),
           "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1))}
@@ -161,22 +201,31 @@ def sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums) -> dict[str, Array]:
 
 def policy_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, algorithm,
                 beta: float, ema_rate: float, samples_per_prompt: int, num_epochs: int = 1,
-                num_minibatches: int = 1, num_microbatches: int = 1):
+                num_minibatches: int = 1, num_microbatches: int = 1,
+                nonfinite_rewards: str = "drop_rows"):
   """One rollout batch's update; batch: tokens, positions, segment_ids, mask
   [b, T] and rewards [b] of responses sampled from state.params.
 
   Returns (state, metrics): the optimizer metrics (loss, grad_norm, ...,
-  averaged over the steps), the algorithm's, and reward, kl_sft, kl_anchor
-  (Monte Carlo, on the rollout), entropy, response_length, tokens.
+  averaged over the steps), the algorithm's, and reward (over the finite
+  rewards), nonfinite_rewards (rows), kl_sft, kl_anchor (Monte Carlo, on the
+  rollout), entropy, response_length, tokens. Non-finite rewards: the module
+  docstring.
   """
+  check_nonfinite_rewards(nonfinite_rewards)
   tok_lp, entropy_sums = response_logprobs(model, state.params, batch)
   tok_lp = jax.lax.stop_gradient(tok_lp)
   tok_lp_sft, _ = response_logprobs(model, sft_params, batch)
   tok_lp_ref = (tok_lp_sft if state.anchor_params is None else
                 response_logprobs(model, state.anchor_params, batch)[0])
-  rollout = Rollout(batch["rewards"].astype(jnp.float32), batch["mask"], tok_lp,
-                    jax.lax.stop_gradient(tok_lp_ref))
+  rewards = batch["rewards"].astype(jnp.float32)
+  finite = jnp.isfinite(rewards)
+  valid = _valid_rows(finite, algorithm, samples_per_prompt)
+  rollout = Rollout(jnp.where(finite, rewards, 0.0), batch["mask"], tok_lp,
+                    jax.lax.stop_gradient(tok_lp_ref), valid)
   adv, weights, algo_metrics = algorithm.advantages(rollout, beta, samples_per_prompt)
+  weights = weights * valid
+  adv = jnp.where(weights > 0, adv, 0.0)
   loss_batch = {k: batch[k] for k in LOSS_KEYS}
   loss_batch.update(advantages=jax.lax.stop_gradient(adv), seq_weights=weights,
                     logp_old=rollout.logp_old, logp_ref=rollout.logp_ref)
@@ -184,6 +233,14 @@ def policy_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, a
       state, loss_batch, model=model, tx=tx, schedule=schedule, algorithm=algorithm,
       beta=beta, ema_rate=ema_rate, num_epochs=num_epochs,
       num_minibatches=num_minibatches, num_microbatches=num_microbatches)
+  # applied iff a row's reward counts ("drop_rows") / every reward is finite
+  apply = jnp.any(valid > 0) if nonfinite_rewards == "drop_rows" else jnp.all(finite)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+  new_state = PolicyState(new_state.step, keep(new_state.params, state.params),
+                          keep(new_state.opt_state, state.opt_state),
+                          keep(new_state.anchor_params, state.anchor_params))
+  metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], 1.0 - apply.astype(jnp.float32))
+  metrics["nonfinite_rewards"] = jnp.sum(1.0 - finite.astype(jnp.float32))
   metrics.update(algo_metrics)
   metrics.update(sample_metrics(batch, tok_lp, tok_lp_sft, entropy_sums))
   metrics.update({

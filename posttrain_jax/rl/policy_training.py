@@ -60,7 +60,7 @@ from posttrain_jax.rl.reinforce import Reinforce
 
 ANCHORS = ("ema", "sft")
 __all__ = ["ANCHORS", "PolicyState", "PolicyTrainer", "rl_step", "policy_step",
-           "eval_metrics", "sample_batch", "resolve_reward"]
+           "eval_metrics", "sample_batch", "resolve_reward", "policy_tokenizer"]
 
 
 def rl_step(state: PolicyState, sft_params, batch, *, model, tx, schedule, beta: float,
@@ -96,13 +96,14 @@ class PolicyTrainer:
   def __init__(self, model_config: ModelConfig, tx, schedule, mesh, *, beta: float,
                anchor: str, ema_rate: float, samples_per_prompt: int, algorithm=None,
                num_epochs: int = 1, num_minibatches: int = 1, num_microbatches: int = 1,
-               rules=partitioning.DEFAULT_RULES):
+               nonfinite_rewards: str = "drop_rows", rules=partitioning.DEFAULT_RULES):
     if anchor not in ANCHORS:
       raise ValueError(f"Unknown anchor {anchor!r}; choose one of {list(ANCHORS)}.")
     if not 0.0 <= ema_rate <= 1.0:
       raise ValueError(f"ema_rate (mu) must be in [0, 1], got {ema_rate}.")
     self.algorithm = algorithm or Reinforce()
     po.check_updates(self.algorithm, num_epochs, num_minibatches, samples_per_prompt)
+    po.check_nonfinite_rewards(nonfinite_rewards)
     self.model = Transformer(model_config)
     self.tx, self.mesh, self.rules, self.anchor = tx, mesh, rules, anchor
     self.schedule = schedule
@@ -135,7 +136,7 @@ class PolicyTrainer:
         policy_step, model=self.model, tx=tx, schedule=schedule, algorithm=self.algorithm,
         beta=beta, ema_rate=ema_rate, samples_per_prompt=samples_per_prompt,
         num_epochs=num_epochs, num_minibatches=num_minibatches,
-        num_microbatches=num_microbatches)
+        num_microbatches=num_microbatches, nonfinite_rewards=nonfinite_rewards)
     self._step = jax.jit(
         self.step_fn,
         in_shardings=(self.state_shardings, self.param_shardings, batch_shardings),
@@ -173,8 +174,14 @@ def sample_batch(sample, rewards) -> dict[str, jax.Array]:
           "rewards": jnp.asarray(rewards, jnp.float32)}
 
 
-def resolve_reward(reward: str, mesh):
-  """reward(sample) -> [b]: a registered reward name or a reward model directory."""
+def resolve_reward(reward: str, mesh, *, vocab_size: int | None = None,
+                   tokenizer: dict | None = None, policy: str = "the policy"):
+  """reward(sample) -> [b]: a registered reward name or a reward model directory.
+
+  With vocab_size (and the policy's tokenizer record, if known), a reward model
+  that cannot score the policy's tokens is refused first
+  (`reward_model.check_fits_policy`).
+  """
   try:
     fn = rewards_lib.get(reward)
   except ValueError:
@@ -182,10 +189,22 @@ def resolve_reward(reward: str, mesh):
       raise ValueError(f"Unknown reward {reward!r}: neither a registered reward "
                        f"({', '.join(rewards_lib.names())}) nor a reward model "
                        "directory.") from None
+    if vocab_size is not None:
+      reward_model.check_fits_policy(reward, vocab_size, tokenizer, policy)
     model_fn = reward_model.load_reward_fn(reward, mesh)
     return lambda s: model_fn(s.tokens, s.positions,
                               (s.prompt_mask | s.generated_mask).astype(jnp.int32))
   return lambda s: fn(s.tokens, s.generated_mask)
+
+
+def policy_tokenizer(initial_checkpoint: str | None, prompts: PromptConfig | None):
+  """The policy's tokenizer record: its SFT model directory's, else the prompt
+  task's SentencePiece model (None: unknown)."""
+  record = (reward_model.recorded_tokenizer(initial_checkpoint)
+            if initial_checkpoint and os.path.isdir(initial_checkpoint) else None)
+  if record is None and prompts is not None:
+    record = reward_model.task_tokenizer(prompts.task_name)
+  return record
 
 
 def prompt_iterator(cfg: PromptConfig):

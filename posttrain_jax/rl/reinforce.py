@@ -27,6 +27,7 @@ class Reinforce:
   baseline: str = "leave_one_out"
   name = "REINFORCE"
   max_updates = 1
+  masks_rows = True  # baselines over rollout.valid rows (policy_optimization)
 
   def check(self, samples_per_prompt: int) -> None:
     pg.check_baseline(self.baseline, samples_per_prompt)
@@ -34,10 +35,20 @@ class Reinforce:
   def advantages(self, rollout, beta: float, samples_per_prompt: int):
     shaped = pg.kl_regularized_reward(rollout.rewards, jnp.sum(rollout.logp_old, -1),
                                       jnp.sum(rollout.logp_ref, -1), beta)
-    adv = pg.advantages(shaped, self.baseline, samples_per_prompt)
-    return adv, jnp.ones_like(adv), {"shaped_reward": jnp.mean(shaped)}
+    return baselined(shaped, self.baseline, samples_per_prompt, rollout.valid)
 
   def loss_sums(self, token_logp, batch, beta: float):
     del beta
     return pg.reinforce_loss_sums(jnp.sum(token_logp, -1), batch["advantages"],
                                   batch["seq_weights"])
+
+
+def baselined(shaped, kind: str, samples_per_prompt: int, valid):
+  """(advantages, weights, metrics) of shaped rewards under a baseline, over the
+  valid rows (all rows when valid is None); REINFORCE's and RLOO's."""
+  adv = pg.advantages(shaped, kind, samples_per_prompt, valid)
+  if valid is None:
+    return adv, jnp.ones_like(adv), {"shaped_reward": jnp.mean(shaped)}
+  weights = pg.baseline_weights(kind, samples_per_prompt, valid)
+  count = jnp.maximum(jnp.sum(valid), 1.0)
+  return adv, weights, {"shaped_reward": jnp.sum(jnp.where(valid > 0, shaped, 0.0)) / count}

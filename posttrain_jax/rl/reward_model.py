@@ -12,13 +12,21 @@ Parameters: {"backbone": <Transformer params>, "head": {"kernel": [d, 1]}},
 so a policy/SFT model directory initialises the backbone. A reward model
 directory is a params_checkpoint model directory (checkpoint/ + model.gin of
 the backbone's ModelConfig) plus `reward_model.json`, the marker that tells
-it apart from a policy.
+it apart from a policy; its "tokenizer" entry ({"path", "sha256"} of the
+SentencePiece model, `tokenizer_record`) names the tokenizer whose ids it
+scores, when known.
+
+A reward model scores token ids: it fits a policy only if both use the same
+vocabulary (`check_fits_policy`: equal vocab_size, and equal tokenizers where
+both sides record one). A smaller reward-model vocabulary would read ids past
+its embedding table as NaN scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import contextlib
+import hashlib
 import json
 import os
 from typing import Any
@@ -101,6 +109,72 @@ def read_reward_info(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
+TOKENIZER = "tokenizer"
+HF_TOKENIZER = os.path.join(params_checkpoint.HF_FILES, "tokenizer.model")
+
+
+def tokenizer_record(path: str) -> dict[str, str]:
+  """{"path", "sha256"} of a tokenizer file (a SentencePiece .model)."""
+  path = os.path.abspath(path)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return {"path": path, "sha256": digest.hexdigest()}
+
+
+def recorded_tokenizer(directory: str) -> dict[str, str] | None:
+  """The tokenizer a model directory records: reward_model.json's "tokenizer",
+  else the HF import's hf_files/tokenizer.model (None: none recorded)."""
+  if is_reward_model(directory):
+    record = read_reward_info(directory).get(TOKENIZER)
+    if record:
+      return record
+  hf = os.path.join(directory, HF_TOKENIZER)
+  return tokenizer_record(hf) if os.path.isfile(hf) else None
+
+
+def task_tokenizer(task_name: str) -> dict[str, str] | None:
+  """The tokenizer record of a registered seqio task's SentencePiece vocabulary
+  (None: no such task, or no vocabulary file)."""
+  from posttrain_jax.data import vocab  # pylint: disable=g-import-not-at-top,unused-import  # TF lives in data/
+  import seqio  # pylint: disable=g-import-not-at-top
+  try:
+    task = seqio.get_mixture_or_task(task_name)
+  except ValueError:
+    return None
+  for feature in task.output_features.values():
+    path = getattr(feature.vocabulary, "sentencepiece_model_file", None)
+    if path and os.path.isfile(path):
+      return tokenizer_record(path)
+  return None
+
+
+def check_fits_policy(directory: str, vocab_size: int,
+                      tokenizer: dict[str, str] | None = None,
+                      policy: str = "the policy") -> None:
+  """Raises a one-line ValueError if the reward model in `directory` cannot
+  score `policy`'s tokens: another vocab_size, or (where both are recorded)
+  another tokenizer."""
+  if not is_reward_model(directory):
+    return  # restore_reward_params names the problem
+  rm_vocab = params_checkpoint.model_config_of(params_checkpoint.locate(directory)).vocab_size
+  fix = ("Fix: use a reward model trained on the policy's vocabulary (train_reward_model "
+         "from the policy's SFT model), or the policy that goes with this reward model.")
+  if rm_vocab != vocab_size:
+    raise ValueError(
+        f"Reward model {directory} has vocab_size {rm_vocab} but {policy} has vocab_size "
+        f"{vocab_size}: it cannot score the policy's samples (ids it does not know score "
+        f"NaN). {fix}")
+  mine = recorded_tokenizer(directory)
+  if mine and tokenizer and mine.get("sha256") != tokenizer.get("sha256"):
+    raise ValueError(
+        f"Reward model {directory} was trained with the tokenizer {mine.get('path')} "
+        f"(sha256 {str(mine.get('sha256'))[:12]}) but {policy} uses "
+        f"{tokenizer.get('path')} (sha256 {str(tokenizer.get('sha256'))[:12]}): the same "
+        f"ids are different text. {fix}")
+
+
 def restore_reward_params(directory: str, abstract, config: ModelConfig):
   """Restores a reward model directory onto `abstract`'s shardings."""
   if not is_reward_model(directory):
@@ -155,4 +229,5 @@ def load_reward_fn(directory: str, mesh: jax.sharding.Mesh | None = None,
 
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 __all__ = ["RewardModel", "RewardFunction", "load_reward_fn", "save_reward_model",
-           "is_reward_model", "abstract_params", "restore_reward_params", "MARKER"]
+           "is_reward_model", "abstract_params", "restore_reward_params", "MARKER",
+           "check_fits_policy", "tokenizer_record", "recorded_tokenizer"]

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from posttrain_jax.rl import policy_gradient as pg
+from posttrain_jax.rl import reinforce
 from posttrain_jax.rl.policy_optimization import clipped_surrogate
 
 
@@ -34,6 +35,7 @@ class RLOO:
   epsilon: float = 0.2
   name = "RLOO"
   max_updates = None
+  masks_rows = True  # leave-one-out over rollout.valid rows (policy_optimization)
 
   def check(self, samples_per_prompt: int) -> None:
     if not self.epsilon > 0:
@@ -45,8 +47,7 @@ class RLOO:
   def advantages(self, rollout, beta: float, samples_per_prompt: int):
     shaped = pg.kl_regularized_reward(rollout.rewards, jnp.sum(rollout.logp_old, -1),
                                       jnp.sum(rollout.logp_ref, -1), beta)
-    adv = pg.advantages(shaped, "leave_one_out", samples_per_prompt)
-    return adv, jnp.ones_like(adv), {"shaped_reward": jnp.mean(shaped)}
+    return reinforce.baselined(shaped, "leave_one_out", samples_per_prompt, rollout.valid)
 
   def loss_sums(self, token_logp, batch, beta: float):
     del beta

@@ -1,18 +1,22 @@
 """RL loop: steps on 8 CPU devices (data / fsdp), EMA limits, exact resume, bad input."""
 
+import functools
 import os
 import signal
+import sys
 
 import flax.linen as nn
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from posttrain_jax import cli, main
+from posttrain_jax.jobs import train_policy as train_policy_job
 from posttrain_jax.models import ModelConfig
 from posttrain_jax.models import params_checkpoint
-from posttrain_jax.rl import reward_model, rewards
+from posttrain_jax.rl import nonfinite_rewards, reward_model, rewards
 
 from policy_runs import (CFG, FixedPrompts, leaves, low_ids_reward, run,  # pylint: disable=g-bad-import-order
                          save_random_model, sft_dir, sft_leaves)
@@ -120,6 +124,63 @@ def test_reward_model_directory_as_reward(tmp_path, sft_dir):
   assert np.isfinite(m["reward"]) and m["reward"] != 0.0 and np.isfinite(m["loss"])
   with pytest.raises(ValueError, match="not a reward model directory"):
     run(tmp_path / "run2", sft_dir, 1, reward=sft_dir)
+
+
+def nan_row_1(tokens, mask):
+  return low_ids_reward(tokens, mask).at[1].set(jnp.nan)
+
+
+rewards.register("test_nan_row_1", nan_row_1)
+
+
+def test_a_nan_reward_row_is_left_out_and_named(tmp_path, sft_dir, capsys, monkeypatch):
+  # the reporter's default stream is bound at import; log to capsys' stdout
+  monkeypatch.setattr(train_policy_job, "ProgressReporter", functools.partial(
+      train_policy_job.ProgressReporter, stream=sys.stdout))
+  result = run(tmp_path / "drop", sft_dir, 1, reward="test_nan_row_1")
+  m = result.metrics[1]
+  assert m["nonfinite_rewards"] == 1.0 and m["nonfinite"] == 0.0 and result.skipped_steps == 0
+  assert np.isfinite(m["loss"]) and np.isfinite(m["reward"]) and m["grad_norm"] > 0.0
+  assert any(not np.array_equal(p, s) for p, s in zip(leaves(result.state.params),
+                                                       sft_leaves(sft_dir)))  # it trained
+  assert ("warning: reward 'test_nan_row_1' is non-finite on 1 of 8 rows at step 1 "
+          "(rows [1]: nan); those rows are left out") in capsys.readouterr().out
+  with pytest.raises(nonfinite_rewards.NonFiniteRewardError,
+                     match=r"reward 'test_nan_row_1' is non-finite on 1 of 8 rows at step 1 "
+                           r"\(rows \[1\]: nan\); stopping before the update"):
+    run(tmp_path / "error", sft_dir, 1, reward="test_nan_row_1", nonfinite_rewards="error")
+  skipped = run(tmp_path / "skip", sft_dir, 1, reward="test_nan_row_1",
+                nonfinite_rewards="skip_step")
+  assert skipped.skipped_steps == 1 and skipped.metrics[1]["nonfinite"] == 1.0
+  for p, s in zip(leaves(skipped.state.params), sft_leaves(sft_dir)):
+    np.testing.assert_array_equal(p, s)
+
+
+def test_a_reward_model_that_does_not_fit_the_policy_is_refused(tmp_path, sft_dir):
+  """Before any step, in one line: another vocab_size, or another tokenizer."""
+  small = ModelConfig(**{**CFG.__dict__, "vocab_size": 32})
+  rm_dir = str(tmp_path / "rm32")
+  reward_model.save_reward_model(rm_dir, nn.unbox(reward_model.init_boxed(
+      reward_model.RewardModel(small), jax.random.key(1))), small)
+  with pytest.raises(ValueError) as raised:
+    run(tmp_path / "run", sft_dir, 1, reward=rm_dir)
+  line = str(raised.value)
+  assert "\n" not in line and f"Reward model {rm_dir} has vocab_size 32 but the policy " \
+      f"({sft_dir}) has vocab_size 64" in line
+  assert not (tmp_path / "run").exists()  # nothing started
+  # same vocab_size, but the reward model records another tokenizer than the SFT's
+  sft = save_random_model(str(tmp_path / "sft"), CFG)
+  os.makedirs(os.path.join(sft, "hf_files"))
+  with open(os.path.join(sft, "hf_files", "tokenizer.model"), "wb") as f:
+    f.write(b"policy tokenizer")
+  rm_dir = str(tmp_path / "rm_other")
+  reward_model.save_reward_model(rm_dir, nn.unbox(reward_model.init_boxed(
+      reward_model.RewardModel(CFG), jax.random.key(1))), CFG,
+      info={"tokenizer": {"path": "/data/other.model", "sha256": "ab" * 32}})
+  with pytest.raises(ValueError, match=r"trained with the tokenizer /data/other.model "
+                                       r"\(sha256 abababababab\) but the policy"):
+    run(tmp_path / "run", sft, 1, reward=rm_dir)
+  assert not (tmp_path / "run").exists()
 
 
 def _configure(flags):

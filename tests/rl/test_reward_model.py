@@ -84,3 +84,30 @@ def test_a_policy_directory_is_not_a_reward_model(tmp_path):
   params_checkpoint.save(str(tmp_path / "policy"), backbone, CFG)
   with pytest.raises(ValueError, match="not a reward model directory"):
     restore_reward_params(str(tmp_path / "policy"), abstract_params(CFG), CFG)
+
+
+def test_a_reward_model_fits_a_policy_of_its_vocabulary_and_tokenizer(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  from posttrain_jax import data  # pylint: disable=g-import-not-at-top  # (no TF: not data.vocab)
+  from posttrain_jax.rl import reward_model  # pylint: disable=g-import-not-at-top
+  DEFAULT_VOCAB_PATH = os.path.join(os.path.dirname(data.__file__), "vocab", "pydoc_sp2k.model")
+  shipped = reward_model.tokenizer_record(DEFAULT_VOCAB_PATH)
+  assert len(shipped["sha256"]) == 64 and shipped["path"] == DEFAULT_VOCAB_PATH
+  rm = str(tmp_path / "rm")
+  save_reward_model(rm, random_params(), CFG, info={"tokenizer": shipped})
+  assert reward_model.recorded_tokenizer(rm) == shipped
+  reward_model.check_fits_policy(rm, 64, shipped)     # same vocabulary and tokenizer
+  reward_model.check_fits_policy(rm, 64, None)        # the policy records none
+  with pytest.raises(ValueError, match="has vocab_size 64 but the policy has vocab_size "
+                                       "2048: it cannot score"):
+    reward_model.check_fits_policy(rm, 2048, shipped)
+  other = {"path": "/x/gemma.model", "sha256": "cd" * 32}
+  with pytest.raises(ValueError, match=r"but the policy uses /x/gemma.model \(sha256 "
+                                       r"cdcdcdcdcdcd\): the same ids are different text"):
+    reward_model.check_fits_policy(rm, 64, other)
+  # an imported (HF) model directory records its tokenizer.model
+  policy = tmp_path / "policy"
+  params_checkpoint.save(str(policy), random_params()["backbone"], CFG)
+  (policy / "hf_files").mkdir()
+  (policy / "hf_files" / "tokenizer.model").write_bytes(open(DEFAULT_VOCAB_PATH, "rb").read())
+  assert reward_model.recorded_tokenizer(str(policy))["sha256"] == shipped["sha256"]

@@ -1,5 +1,7 @@
 """Reward-model training: LP then FT on 8 CPU devices, WARM members, resume, export."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,9 +12,9 @@ from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.data.preferences import pairs_to_batch, write_preferences
 from posttrain_jax.jobs.train_reward_model import train_reward_model
-from posttrain_jax.models import Transformer
+from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.models import params_checkpoint
-from posttrain_jax.rl.reward_model import abstract_params, load_reward_fn
+from posttrain_jax.rl.reward_model import abstract_params, load_reward_fn, read_reward_info
 
 from preference_pairs import easy_pairs, tiny_model_config  # pylint: disable=g-bad-import-order
 
@@ -67,6 +69,29 @@ def test_training_learns_easy_preferences_and_exports(setup):
   score = lambda s: fn(*(jnp.asarray(batch[f"{s}_{k}"])
                          for k in ("tokens", "positions", "segment_ids")))
   assert np.mean(np.asarray(score("chosen")) > np.asarray(score("rejected"))) >= 0.9
+  # it records the tokenizer of its pairs (the preference task's vocabulary)
+  tokenizer = read_reward_info(result.export_dir)["tokenizer"]
+  assert tokenizer["path"].endswith("pydoc_sp2k.model") and len(tokenizer["sha256"]) == 64
+
+
+def test_vocabulary_is_checked_before_any_step(setup):
+  root, files, _, _ = setup
+  wide = ModelConfig(**{**CFG.__dict__, "vocab_size": 128})
+  params_checkpoint.save(str(root / "sft128"), jax.tree.map(
+      lambda x: np.zeros(x.shape, x.dtype), params_checkpoint.abstract_params(wide)), wide)
+  with pytest.raises(ValueError) as raised:
+    run(setup, "vocab", initial_checkpoint=str(root / "sft128"))
+  line = str(raised.value)
+  assert "\n" not in line and (f"initial_checkpoint {root / 'sft128'} has vocab_size 128 but "
+                                "the reward model's ModelConfig.vocab_size is 256") in line
+  # the pairs' ids (rejected: 200-219) against a 200-token reward model, at step 1
+  narrow = ModelConfig(**{**CFG.__dict__, "vocab_size": 200})
+  with pytest.raises(ValueError, match=r"'rejected_tokens' contains token id 2\d\d, outside "
+                                       r"\[0, vocab_size=200\)"):
+    train_reward_model(model_config=narrow, run_dir=str(root / "ids"), num_steps=2,
+                       train_data=DATA, data_files=files, initial_checkpoint=None,
+                       allow_random_init=True, ici_parallelism={"data": 8})
+  assert not [n for n in os.listdir(root / "ids" / "checkpoints") if n.isdigit()]
 
 
 def test_warm_members_share_the_linear_probe_head(setup):
