@@ -34,7 +34,9 @@ model in memory at a time, plus the merged tree). See posttrain_jax/merging/.
 All directories (and --init) must hold the same architecture (model.gin), kind
 (all reward models, or all policies) and parameter layout; a training run
 directory stands for its newest checkpoint. OUT is a model directory of the
-merged models' kind. Per-tensor statistics (SLERP angles, TIES thresholds,
+merged models' kind: a new or empty directory (--overwrite replaces the model
+files of an earlier merge there; a training run directory is always refused, as
+its own checkpoints would be loaded in place of the merge). Per-tensor statistics (SLERP angles, TIES thresholds,
 model stock ratios, DARE masks) are per layer in the scanned layout too, so a
 scanned checkpoint merges as the same checkpoint saved unscanned.
 """
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +106,49 @@ def parse_args(argv):
   sw.add_argument("directories", nargs=1, help="the reward model giving the backbone")
   sw.add_argument("--probe", required=True, help="the reward model giving the head")
   sw.add_argument("--output", required=True)
+  for sp in sub.choices.values():
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace the model files (checkpoint/, model.gin, ...) of an "
+                         "earlier merge in --output")
   return p.parse_args(argv)
+
+
+# What a model directory holds (params_checkpoint.save, save_reward_model).
+_MODEL_FILES = ("checkpoint", "model.gin", "hf_metadata.json", "hf_files", "reward_model.json")
+
+
+def check_output(output: str, inputs, overwrite: bool) -> None:
+  """A new or empty --output; with overwrite, a former model directory (its
+  model files removed here). Never one of the inputs, never a run directory."""
+  if os.path.abspath(output) in [os.path.abspath(d) for d in inputs]:
+    raise cli.ConfigError("--output must differ from the merged directories.")
+  if not os.path.isdir(output):
+    if os.path.exists(output):
+      raise cli.ConfigError(f"--output {output} is a file; give a directory.")
+    return
+  entries = sorted(os.listdir(output))
+  if not entries:
+    return
+  if "checkpoints" in entries or "config.gin" in entries:
+    raise cli.ConfigError(
+        f"--output {output} is a training run directory (it holds "
+        f"{'checkpoints/' if 'checkpoints' in entries else 'config.gin'}): the run's own "
+        "checkpoints would be loaded, not the merge; choose a new directory.")
+  shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+  if not overwrite:
+    raise cli.ConfigError(f"--output {output} is not empty ({shown}); choose a new "
+                          "directory, or pass --overwrite to replace an earlier merge there.")
+  others = [e for e in entries if e not in _MODEL_FILES]
+  if others:
+    raise cli.ConfigError(f"--output {output} holds more than a model directory "
+                          f"({', '.join(others[:4])}); --overwrite replaces only a model "
+                          "directory's files: choose a new directory.")
+  for entry in entries:
+    path = os.path.join(output, entry)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
 
 
 def _swap_head(args):
@@ -196,11 +241,7 @@ def main(argv) -> int:
   inputs = (args.directories if args.method != "liti" else [args.merged]) + (
       [args.init] if getattr(args, "init", None) else []) + (
       [args.probe] if getattr(args, "probe", None) else [])
-  if os.path.exists(os.path.join(args.output, "checkpoint")):
-    raise cli.ConfigError(f"--output {args.output} already holds a checkpoint; choose a "
-                          "new directory.")
-  if os.path.abspath(args.output) in [os.path.abspath(d) for d in inputs]:
-    raise cli.ConfigError("--output must differ from the merged directories.")
+  check_output(args.output, inputs, args.overwrite)
   try:
     if args.method == "average":
       weights = merging.normalized_weights(args.weights, len(args.directories))

@@ -152,12 +152,19 @@ def _params_subtree(state_dir: str) -> str:
 
 
 def locate(directory: str, step: int | None = None) -> Location:
-  """Finds the parameters in a model directory, a run directory or a run step."""
+  """Finds the parameters in a model directory, a run directory or a run step.
+
+  A run directory's own checkpoints (RUN/checkpoints/STEP) always win over a
+  model directory's checkpoint/ inside it, so nothing written into a run
+  directory later (e.g. a merge's output) can stand in for the run.
+  """
   d = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(d, PARAMS)):
+  run_steps = (_run_steps(os.path.join(d, "checkpoints"))
+               if os.path.isdir(os.path.join(d, "checkpoints")) else [])
+  if os.path.isdir(os.path.join(d, PARAMS)) and not run_steps:
     return Location(os.path.join(d, PARAMS), None, d)
   if os.path.isdir(os.path.join(d, "checkpoints")):
-    steps = _run_steps(os.path.join(d, "checkpoints"))
+    steps = run_steps
     if not steps:
       raise FileNotFoundError(f"{d}/checkpoints holds no finished checkpoint.")
     if step is None:

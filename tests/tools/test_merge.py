@@ -1,5 +1,6 @@
 """tools/merge.py average: model dirs in, merged model dir out, one-line errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain_jax import merging
+from posttrain_jax import cli, merging
 from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.models import params_checkpoint
 from posttrain_jax.rl.reward_model import RewardModel, is_reward_model, save_reward_model
@@ -67,7 +68,7 @@ def test_errors_are_one_line(tmp_path):
   assert "different architectures (num_layers: 2 vs 4)" in proc.stderr
   assert "Traceback" not in proc.stderr
   proc = run_tool("average", "--output", str(tmp_path / "a"), str(tmp_path / "a"))
-  assert proc.returncode == 2 and "already holds a checkpoint" in proc.stderr
+  assert proc.returncode == 2 and "must differ from the merged directories" in proc.stderr
   proc = run_tool("average", "--output", str(tmp_path / "o"), str(tmp_path / "a"),
                   "--weights", "1", "2")
   assert proc.returncode == 2 and "one weight per model" in proc.stderr
@@ -145,3 +146,45 @@ def test_greedy_soup_of_reward_models_on_heldout_pairs(tmp_path):
   proc = run_tool("greedy_soup", "--pairs", str(tmp_path / "pairs.jsonl"), "--output",
                   str(tmp_path / "x"), str(tmp_path / "p"))
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def _merge_in_process(*args):
+  """tools/merge.py main() in this process: 0, or the one-line error it exits 2 with."""
+  spec = importlib.util.spec_from_file_location("merge_tool", os.path.join(REPO, "tools", "merge.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  try:
+    return tool.main(list(args))
+  except cli.ConfigError as e:
+    assert "\n" not in str(e)
+    return str(e)
+
+
+def test_output_must_be_new_or_empty_and_never_a_run_directory(tmp_path):
+  save_reward_model(str(tmp_path / "a"), rm(0), CFG)
+  save_reward_model(str(tmp_path / "b"), rm(2), CFG)
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  out = tmp_path / "out"
+  out.mkdir()  # an empty directory is fine
+  assert _merge_in_process("average", "--output", str(out), a) == 0
+  # A second merge into it: refused in one line, nothing touched.
+  before = sorted(os.listdir(out))
+  line = _merge_in_process("average", "--output", str(out), a, b)
+  assert line.startswith(f"--output {out} is not empty (checkpoint, model.gin")
+  assert "--overwrite" in line and sorted(os.listdir(out)) == before
+  # --overwrite replaces the earlier merge.
+  assert _merge_in_process("average", "--output", str(out), a, b, "--overwrite") == 0
+  np.testing.assert_allclose(merging.load_models([str(out)])[0].params["head"]["kernel"], 1.0)
+  # A training run directory is refused even with --overwrite: its own
+  # checkpoints/ would be loaded, not the merge.
+  run = tmp_path / "run"
+  (run / "checkpoints" / "10" / "state").mkdir(parents=True)
+  (run / "config.gin").write_text("")
+  line = _merge_in_process("average", "--output", str(run), a, b, "--overwrite")
+  assert "is a training run directory" in line
+  assert sorted(os.listdir(run)) == ["checkpoints", "config.gin"]
+  # Other files are never deleted by --overwrite.
+  (out / "notes.txt").write_text("mine")
+  line = _merge_in_process("average", "--output", str(out), a, "--overwrite")
+  assert "holds more than a model directory (notes.txt)" in line
+  assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoint").is_dir()
