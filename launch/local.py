@@ -255,9 +255,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                            "toy task with the arguments after `--`")
   parser.add_argument("--elastic_restarts", type=int, default=0,
                       help="times a failed slice is started again (it heals)")
-  parser.add_argument("--elastic_min_replicas", type=int, default=1)
-  parser.add_argument("--elastic_join_timeout", type=float, default=5.0)
-  parser.add_argument("--elastic_heartbeat_timeout", type=float, default=1.0)
+  parser.add_argument("--elastic_lighthouse_restarts", type=int, default=10,
+                      help="times a dead Lighthouse is started again (same port)")
+  for name, kind, toy in (("min_replicas", int, "1"), ("join_timeout", float, "5 s"),
+                          ("heartbeat_timeout", float, "1 s")):
+    parser.add_argument(f"--elastic_{name}", type=kind, default=None,
+                        help=f"the Lighthouse's {name} (default: the gin's "
+                             f"LighthouseConfig; toy task: {toy})")
   opts = parser.parse_args(own)
   if opts.num_processes < 1:
     raise LaunchError("--num_processes must be >= 1.")
@@ -293,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        min_replicas=opts.elastic_min_replicas,
                        join_timeout=opts.elastic_join_timeout,
                        heartbeat_timeout=opts.elastic_heartbeat_timeout,
-                       timeout=opts.timeout)
+                       timeout=opts.timeout, grace=opts.grace,
+                       lighthouse_restarts=opts.elastic_lighthouse_restarts)
   n = opts.num_processes
   envs = [process_env(os.environ, i, n, port, opts.devices_per_process,
                       opts.platforms) for i in range(n)]

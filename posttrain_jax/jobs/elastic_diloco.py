@@ -31,6 +31,10 @@ heal apart), RUN_DIR/slice{S}_outer.npz (final θ̃), and with
 `checkpoint_every` the elastic orbax checkpoints under RUN_DIR/elastic_ckpt
 (the round leader writes θ̃; each slice its inner state).
 
+SIGTERM (the launcher's stop, a preemption): the slice stops after its next
+sync, saves the elastic checkpoint of that step (with `checkpoint_every`),
+writes a "preempted" line and returns {"preempted": True, ...} (exit 0).
+
 One process per slice: a slice of several processes (each host exchanging
 its shard with the same-rank hosts of the other slices) is not built; the job
 raises a ValueError when jax.process_count() > 1.
@@ -49,6 +53,7 @@ import jax
 import numpy as np
 
 from posttrain_jax.core import partitioning
+from posttrain_jax.core.preemption import PreemptionWatcher
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.core.trainer import Trainer, TrainState, _MeshRules, train_step
 from posttrain_jax.data.dataset_config import DatasetConfig
@@ -112,7 +117,8 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
   the interface this slice's gRPC peer server binds (its address goes to the
   others through the Lighthouse; "0.0.0.0" across machines); checkpoint_every:
   elastic orbax checkpoints every this many steps (0: none).
-  Returns {"final_step", "outer_digest", "bytes"}.
+  Returns {"final_step", "outer_digest", "bytes", "compiles_after_join"} and,
+  stopped by SIGTERM, "preempted": True.
   """
   if jax.process_count() > 1:
     raise ValueError("elastic_diloco runs one process per slice; slices of several "
@@ -146,7 +152,9 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
   log = lambda s: print(f"[slice {slice_index}] {s}", flush=True)
   peer = wire.PeerServer(host=peer_host)
   members = mb.Membership(lighthouse, f"slice{slice_index:03d}",
-                          heartbeat_every=heartbeat_every, connect_timeout=quorum_timeout)
+                          heartbeat_every=heartbeat_every, connect_timeout=quorum_timeout,
+                          log=log)
+  watcher = PreemptionWatcher()
   checkpoints = (ec.ElasticCheckpoints(os.path.join(run_dir, "elastic_ckpt"), slice_index,
                                        checkpoint_every) if checkpoint_every else None)
   elastic = es.ElasticConfig(slice_index, num_slices, weight_by_tokens, wait_for,
@@ -171,19 +179,30 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
   try:
     with _MeshRules(mesh, rules):
       algo = es.ElasticSlice(diloco, inner, params, init_inner, members, peer, elastic,
-                             log=log, checkpoints=checkpoints)
+                             log=log, checkpoints=checkpoints,
+                             should_stop=lambda: watcher.should_stop(0),
+                             on_join=lambda t, secs: emit(event="joining", step=t,
+                                                          warm_s=secs))
       state = algo.init(init_inner(params, 0))
       emit(event="started")
       state = algo.run(state, batches, num_steps, on_step)
+    if algo.stopped_at is not None:
+      emit(event="preempted", step=algo.stopped_at, checkpointed=checkpoints is not None)
+      log(f"preempted (SIGTERM): stopped after the sync of step {algo.stopped_at}"
+          + ("; elastic checkpoint saved" if checkpoints is not None else ""))
+      return {"final_step": algo.stopped_at, "preempted": True,
+              "outer_digest": digest(state.outer_params), "bytes": peer.bytes.as_dict(),
+              "compiles_after_join": algo.compiles_after_join}
     np.savez(os.path.join(run_dir, f"slice{slice_index}_outer.npz"),
              **flat_arrays(state.outer_params))
     result = {"final_step": int(state.step), "outer_digest": digest(state.outer_params),
-              "bytes": peer.bytes.as_dict()}
+              "bytes": peer.bytes.as_dict(), "compiles_after_join": algo.compiles_after_join}
     emit(event="done", step=result["final_step"], outer=result["outer_digest"],
-         bytes=result["bytes"])
+         bytes=result["bytes"], compiles_after_join=result["compiles_after_join"])
     log(f"done at step {result['final_step']}: bytes {result['bytes']}")
     return result
   finally:
+    watcher.close()
     if checkpoints is not None:
       checkpoints.close()
     members.close()

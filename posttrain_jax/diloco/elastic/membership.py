@@ -19,17 +19,33 @@ peer address, tokens, ...); `Member` gives it back parsed. The consensus is
 the Lighthouse's; the round logic on top (elastic/slice.py) only reads the
 quorum it returns.
 
+The Lighthouse may die and be started again on the same address (the
+launcher restarts it): a quorum call that finds it unreachable probes it with
+a bounded backoff (0.1 s doubling to 1 s) until the call's own deadline, on
+the same client (its gRPC channel reconnects by itself). Once it answers, the
+slice waits max(1 s, 3 heartbeat periods) before asking again: the restarted
+Lighthouse knows no one, and a quorum asked before the other live slices'
+heartbeats reach it would be of the first asker alone (the others would then
+heal instead of syncing); after that wait it waits for them as usual. Connecting at start-up retries likewise until
+`connect_timeout`, saying so every few seconds. The errors give the deadline
+and the time really waited.
+
 torchft is an optional dependency (`pip install -e ".[elastic]"`, pinned in
 constraints.txt); importing it pulls in torch (about 3 s on CPU).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import datetime
+import logging
 import threading
 import time
 from typing import Any
+
+_CONNECT_ATTEMPT = 5.0  # seconds per connection attempt (one log line each)
+_BACKOFF = (0.1, 1.0)   # first and longest pause between quorum retries (s)
 
 
 def _torchft():
@@ -52,6 +68,10 @@ def available() -> bool:
 
 def _ms(seconds: float) -> datetime.timedelta:
   return datetime.timedelta(milliseconds=int(seconds * 1000))
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +114,48 @@ class Member:
 
 class Membership:
   """One slice's client of the Lighthouse: heartbeats every `heartbeat_every`
-  seconds from a daemon thread (from construction to `close`), and quorums."""
+  seconds from a daemon thread (from construction to `close`), and quorums.
+  Waits up to `connect_timeout` seconds for the Lighthouse to answer at
+  start-up; `log` gets one line per retry (default: logging.warning)."""
 
   def __init__(self, lighthouse_addr: str, replica_id: str,
-               heartbeat_every: float = 0.2, connect_timeout: float = 10.0):
-    ft = _torchft()
+               heartbeat_every: float = 0.2, connect_timeout: float = 10.0,
+               log: Callable[[str], None] | None = None):
     self.replica_id = replica_id
-    self._client = ft.LighthouseClient(addr=lighthouse_addr,
-                                       connect_timeout=_ms(connect_timeout))
-    self._hb_client = ft.LighthouseClient(addr=lighthouse_addr,
-                                          connect_timeout=_ms(connect_timeout))
+    self.address = lighthouse_addr
+    self._log = log or logging.warning
+    start = time.monotonic()
+    self._client = self._connect(connect_timeout, start)
+    self._hb_client = self._connect(connect_timeout, start)
     self._every = heartbeat_every
+    self._settle = max(_BACKOFF[1], 3 * heartbeat_every)
     self._stop = threading.Event()
-    self._hb_client.heartbeat(replica_id)
+    try:
+      self._hb_client.heartbeat(replica_id)
+    except Exception:  # pylint: disable=broad-except  # the beat thread goes on
+      pass
     self._thread = threading.Thread(target=self._beat, daemon=True)
     self._thread.start()
+
+  def _connect(self, timeout: float, start: float):
+    """A LighthouseClient, trying in attempts of at most _CONNECT_ATTEMPT s
+    (one log line each) until `timeout` seconds after `start`."""
+    ft = _torchft()
+    while True:
+      left = timeout - (time.monotonic() - start)
+      try:
+        return ft.LighthouseClient(addr=self.address,
+                                   connect_timeout=_ms(max(0.1, min(left, _CONNECT_ATTEMPT))))
+      except Exception as e:  # pylint: disable=broad-except  # torchft: RuntimeError
+        waited = time.monotonic() - start
+        if waited >= timeout:
+          raise ConnectionError(
+              f"Cannot reach the Lighthouse at {self.address} within {timeout:g} s "
+              f"(waited {waited:.1f} s): {_first_line(e)}. Start it first (launch/"
+              "local.py --elastic_slices starts one; the binary's job "
+              "elastic_lighthouse serves one) or fix the address.") from e
+        self._log(f"the Lighthouse at {self.address} is not reachable yet ({waited:.1f} s "
+                  f"of {timeout:g} s): {_first_line(e)}; retrying")
 
   def _beat(self):
     while not self._stop.wait(self._every):
@@ -119,14 +166,49 @@ class Membership:
 
   def quorum(self, data: dict[str, Any], timeout: float) -> tuple[int, list[Member]]:
     """(quorum id, members sorted by replica id) of the next quorum this slice
-    is part of; raises TimeoutError when none forms within `timeout` seconds."""
+    is part of; raises TimeoutError when none forms within `timeout` seconds
+    (retrying while the Lighthouse is unreachable, see the module docstring)."""
     start = time.monotonic()
-    try:
-      q = self._client.quorum(replica_id=self.replica_id, timeout=_ms(timeout),
-                              data=dict(data))
-    except Exception as e:  # torchft raises a RuntimeError / TimeoutError
-      raise TimeoutError(f"No quorum within {timeout:.1f} s "
-                         f"({time.monotonic() - start:.1f} s): {e}") from e
+    down, backoff = None, _BACKOFF[0]  # when the Lighthouse stopped answering
+    while True:
+      left = timeout - (time.monotonic() - start)
+      try:
+        if down is None:
+          q = self._client.quorum(replica_id=self.replica_id,
+                                  timeout=_ms(max(left, 0.001)), data=dict(data))
+          break
+        # unreachable so far: probe it; once it answers, let the other live
+        # slices' heartbeats reach it before asking, or the restarted
+        # Lighthouse (it knows no one) forms a quorum of the first asker alone
+        self._client.heartbeat(self.replica_id, timeout=_ms(max(min(left, 1.0), 0.001)))
+        self._log(f"the Lighthouse at {self.address} answers again after "
+                  f"{time.monotonic() - down:.1f} s")
+        time.sleep(max(0.0, min(self._settle, timeout - (time.monotonic() - start))))
+        down, backoff = None, _BACKOFF[0]
+        continue
+      except TimeoutError as e:
+        if down is None:  # the Lighthouse answered: no quorum in time
+          raise TimeoutError(
+              f"No quorum within {timeout:.1f} s (waited {time.monotonic() - start:.1f} "
+              f"s): the Lighthouse at {self.address} formed none with this slice "
+              "(fewer than min_replicas live slices, or no majority of the "
+              f"heartbeating ones): {_first_line(e)}") from e
+        error = e
+      except RuntimeError as e:  # torchft: unreachable, or the call broke
+        error = e
+      now = time.monotonic()
+      if down is None:
+        down = now
+        self._log(f"the Lighthouse at {self.address} is unreachable "
+                  f"({_first_line(error)}); retrying for up to {max(left, 0):.1f} s more")
+      if now - start >= timeout:
+        raise TimeoutError(
+            f"No quorum within {timeout:.1f} s (waited {now - start:.1f} s): the "
+            f"Lighthouse at {self.address} was unreachable for the last "
+            f"{now - down:.1f} s ({_first_line(error)}). Restart it on the same "
+            "address (launch/local.py does) and this slice (it heals).") from error
+      time.sleep(min(backoff, timeout - (now - start)))
+      backoff = min(2 * backoff, _BACKOFF[1])
     members = [Member(m.replica_id, dict(m.data or {})) for m in q.participants]
     return int(q.quorum_id), sorted(members, key=lambda m: m.replica_id)
 

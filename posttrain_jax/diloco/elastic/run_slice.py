@@ -6,7 +6,10 @@
 (`launch/local.py --elastic_slices=N` starts the Lighthouse and N of these.)
 A restarted slice runs the same command: it heals from a live peer.
 Writes OUT_DIR/slice{S}.jsonl (one line per inner step, sync, heal, and a
-final line with the bytes moved) and OUT_DIR/slice{S}_outer.npz (final θ̃).
+final line with the bytes moved and the compiles after joining) and
+OUT_DIR/slice{S}_outer.npz (final θ̃). SIGTERM (or SIGINT): the slice stops
+after its next sync, checkpointing it with --checkpoint_dir, writes a
+"preempted" line and exits 0.
 """
 
 from __future__ import annotations
@@ -120,8 +123,13 @@ def main(argv=None) -> int:
   params = toy.init_params(args.seed, args.layers, args.width)
   inner = toy.make_inner_step(tx)
   peer = wire.PeerServer()
+  say = lambda s: print(f"[slice {args.slice}] {s}", file=sys.stderr, flush=True)
+  stop = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop.append(signum))
   members = mb.Membership(args.lighthouse, f"slice{args.slice:03d}",
-                          heartbeat_every=args.heartbeat_every)
+                          heartbeat_every=args.heartbeat_every,
+                          connect_timeout=args.quorum_timeout, log=say)
   elastic = es.ElasticConfig(args.slice, args.num_slices, args.weight_by_tokens,
                              args.wait_for, args.exchange_timeout, args.quorum_timeout,
                              args.heal_timeout)
@@ -148,14 +156,15 @@ def main(argv=None) -> int:
                  if args.checkpoint_dir else None)
   algo = es.ElasticSlice(diloco_config(args), inner, params,
                          lambda p, step: toy.inner_state(p, tx, step), members, peer,
-                         elastic, log=lambda s: print(f"[slice {args.slice}] {s}",
-                                                      file=sys.stderr, flush=True),
-                         on_exchange=on_exchange, checkpoints=checkpoints)
+                         elastic, log=say, on_exchange=on_exchange,
+                         checkpoints=checkpoints, should_stop=lambda: bool(stop),
+                         on_join=lambda t, secs: emit(event="joining", step=t, warm_s=secs))
   state = algo.init(toy.inner_state(params, tx))
   emit(event="started")
   seen = [0]
   held_out = toy.batch(args.seed, 10**6, 0, 256, args.width, layers=args.layers)
   eval_loss = jax.jit(lambda p: toy.loss_fn(p, held_out))
+  eval_loss(state.outer_params)  # compiled before joining, as the slice's programs
 
   def on_step(step, metrics, state):
     for r in algo.records[seen[0]:]:
@@ -179,10 +188,14 @@ def main(argv=None) -> int:
                                  layers=args.layers)
   try:
     state = algo.run(state, batch_fn, args.steps, on_step)
+    if algo.stopped_at is not None:
+      emit(event="preempted", step=algo.stopped_at, signal=stop[0],
+           checkpointed=checkpoints is not None)
+      return 0
     np.savez(os.path.join(args.out_dir, f"slice{args.slice}_outer.npz"),
              **flat_arrays(state.outer_params))
     emit(event="done", step=int(state.step), outer=digest(state.outer_params),
-         bytes=peer.bytes.as_dict())
+         bytes=peer.bytes.as_dict(), compiles_after_join=algo.compiles_after_join)
   finally:
     if checkpoints is not None:
       checkpoints.close()

@@ -41,9 +41,22 @@ that step, taking part from the next sync on. From then on its outer
 parameters are the survivors' bit for bit. Bytes of healing are counted apart
 (`wire.Bytes`).
 
-Start. Every slice publishes its initial outer state and loops on quorums at
-(start step, START) until `wait_for` slices are present, or heals if a member
-is already ahead (a restarted slice runs the same command as a fresh one).
+Start. Every slice first compiles its programs (`warm_up`: the inner step,
+each fragment's encode and decode, the outer program of every event, the
+heal's replica reset), then publishes its initial outer state and loops on
+quorums at (start step, START) until `wait_for` slices are present, or heals
+if a member is already ahead (a restarted slice runs the same command as a
+fresh one). So a restarted slice asks only once it can train at full speed:
+it heals to the leaders' newest outer step and takes part in their next sync,
+instead of healing, compiling while they go on past `join_timeout` without
+it, and healing again many steps later. The mean always decodes `num_slices`
+payloads (absent slices weigh 0: the same sum, bit for bit, in the fixed
+order of `replica_mean`), so a change of membership compiles nothing either.
+
+Stopping. `should_stop()` (e.g. a SIGTERM flag) is read after each sync: the
+slice checkpoints that step (with `checkpoints`; the round's leader writes
+the outer state) and returns. The slices stopped together (a launcher's
+SIGTERM) stop after the same round, so every one resumes exactly.
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ from posttrain_jax.diloco import streaming_diloco as sd
 from posttrain_jax.diloco.elastic import wire
 
 START, EXCHANGE, COMMIT = -1, 0, 1
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +190,16 @@ class ElasticSlice:
   def __init__(self, config: sd.DiLoCoConfig, inner_step, params,
                init_inner: Callable[[Any, int], Any], membership, peer: wire.PeerServer,
                elastic: ElasticConfig, log: Callable[[str], None] | None = None,
-               on_exchange: Callable[[int], None] | None = None, checkpoints=None):
+               on_exchange: Callable[[int], None] | None = None, checkpoints=None,
+               should_stop: Callable[[], bool] | None = None,
+               on_join: Callable[[int, float], None] | None = None):
     self.checkpoints = checkpoints  # an elastic.checkpoint.ElasticCheckpoints, or None
+    self.should_stop = should_stop
+    self.on_join = on_join  # called with (step, warm-up seconds) before the first quorum
+    self.stopped_at: int | None = None  # the step it stopped at after should_stop()
+    self.compiles_after_join = 0        # backend compiles from its first quorum on
+    self._warm: tuple[int, Any] | None = None  # (step, batch) of the warm-up
+    self._listening = False
     self._leader = False
     self.on_exchange = on_exchange  # called with t once in an exchange quorum (drills)
     self.config = dataclasses.replace(config, num_replicas=1)
@@ -199,6 +221,8 @@ class ElasticSlice:
                                               fmt=c.quantization, block=c.quant_block))
                     for f, s in zip(self.fragments, self.shapes)]
     self._outer: dict[fr.Event, Callable] = {}
+    self._fresh = jax.jit(lambda p, step: jax.tree.map(lambda x: jnp.asarray(x)[None],
+                                                       init_inner(p, step)))
 
   # ------------------------------------------------------------ helpers
   def init(self, inner_state) -> sd.DiLoCoState:
@@ -230,13 +254,10 @@ class ElasticSlice:
     template = {"step": np.asarray(state.step), "outer_params": state.outer_params,
                 "outer_opt_state": state.outer_opt_state, "inflight": state.inflight}
     got = serialization.from_state_dict(jax.device_get(template), wire.unpack(data))
-    step = int(got["step"])
-    inner = self.init_inner(got["outer_params"], step)
-    replicas = jax.tree.map(lambda x: jnp.asarray(x)[None], inner)
-    return sd.DiLoCoState(jnp.asarray(step, jnp.int32), replicas,
-                          jax.tree.map(jnp.asarray, got["outer_params"]),
-                          jax.tree.map(jnp.asarray, got["outer_opt_state"]),
-                          jax.tree.map(jnp.asarray, got["inflight"]))
+    got["step"] = np.asarray(got["step"], np.int32)
+    got = jax.device_put(got)  # (jnp.asarray would compile a program per shape)
+    return sd.DiLoCoState(got["step"], self._fresh(got["outer_params"], got["step"]),
+                          got["outer_params"], got["outer_opt_state"], got["inflight"])
 
   # ---------------------------------------------------------------- heal
   def heal(self, state, target: tuple[int, int], members, waited: float = 0.0):
@@ -270,20 +291,57 @@ class ElasticSlice:
     raise RuntimeError(f"Slice {self.elastic.slice_id} could not heal: no member at "
                        f"{target} answered with its outer state; restart it.")
 
+  # ------------------------------------------------------------- warm-up
+  def warm_up(self, state, batch) -> float:
+    """Compiles every program of a round and of a heal (module docstring)
+    before this slice joins: the inner step and the outer programs are
+    lowered and compiled with the real arguments (nothing runs, nothing is
+    donated); encode, decode and a restore run once (small, or as much memory
+    as a heal). Returns the seconds taken."""
+    begin = time.monotonic()
+    self.algo.compiled_inner().lower(
+        state.step, state.replicas, jax.tree.map(lambda x: x[None], batch)).compile()
+    n, deltas = self.elastic.num_slices, {}
+    for p in range(len(self.fragments)):
+      codes = jax.device_get(self._encode[p](state))
+      deltas[p] = self._decode[p]([codes] * n, jnp.asarray(np.ones((n,), np.float32)))
+    for event in sorted(self.algo.schedule.events(), key=lambda e: (e.sync, e.apply)):
+      if event.sync or event.apply:
+        given = {str(p): {"delta": deltas[p], "count": jnp.asarray(n, jnp.float32)}
+                 for p in event.sync}
+        self._outer_program(event).lower(state, given).compile()
+    self.restore(state, self.snapshot(state))  # a heal's programs (run, dropped)
+    return time.monotonic() - begin
+
+  def _count_compile(self, event: str, duration: float, **kw) -> None:
+    del duration, kw
+    if event == _COMPILE_EVENT:
+      self.compiles_after_join += 1
+
   # ---------------------------------------------------------------- start
-  def start(self, state):
+  def start(self, state, batch_fn: Callable[[int], Any] | None = None):
     """The start barrier (module docstring), after resuming from the newest
-    checkpoint if any; returns the state to train from."""
+    checkpoint if any and, given batch_fn, the warm-up (on the batch of the
+    start step, kept for the first step); returns the state to train from."""
     if self.checkpoints is not None:
       resumed = self.checkpoints.restore(state, self.init_inner)
       if resumed is not None:
         state, exact = resumed
         self._log(f"resumed from the outer checkpoint at step {int(state.step)} "
                   f"({'with' if exact else 'without'} this slice's inner state)")
-    step = int(state.step)
+    step, warm_s = int(state.step), 0.0
+    if batch_fn is not None:
+      self._warm = (step, batch_fn(step))
+      warm_s = self.warm_up(state, self._warm[1])
+      self._log(f"compiled its programs in {warm_s:.1f} s before joining")
     self.peer.publish_snapshot(step, self.snapshot(state))
+    if self.on_join is not None:
+      self.on_join(step, warm_s)
     wait_for = self.elastic.wait_for or self.elastic.num_slices
     begin = time.monotonic()
+    if not self._listening:
+      jax.monitoring.register_event_duration_secs_listener(self._count_compile)
+      self._listening = True
     while True:
       qid, members = self._quorum(step, START)
       leaders = _leaders(members)
@@ -337,10 +395,14 @@ class ElasticSlice:
     committers = [m for m in _leaders(members) if _position(m) == (t, COMMIT)]
     use = sorted(set.intersection(*(set(m.data["have"]) for m in committers)))
     self._leader = min(int(m.data["slice"]) for m in committers) == me
-    w = np.asarray([got[s]["tokens"] if self.elastic.weight_by_tokens else 1.0
-                    for s in use], np.float32)
-    given = {str(p): {"delta": self._decode[p]([got[s]["codes"][p] for s in use],
-                                               jnp.asarray(w)),
+    # always num_slices payloads, the absent ones (filled with this slice's)
+    # weighing 0: one decode program whatever the membership, the same bits
+    w = np.zeros((self.elastic.num_slices,), np.float32)
+    w[:len(use)] = [got[s]["tokens"] if self.elastic.weight_by_tokens else 1.0
+                    for s in use]
+    fill = [mine] * (self.elastic.num_slices - len(use))
+    given = {str(p): {"delta": self._decode[p](
+        [got[s]["codes"][p] for s in use] + [m[p] for m in fill], jnp.asarray(w)),
                       "count": jnp.asarray(len(use), jnp.float32)}
              for p in event.sync}
     self._tokens = 0
@@ -352,13 +414,24 @@ class ElasticSlice:
   def run(self, state, batch_fn: Callable[[int], Any], num_steps: int,
           on_step: Callable[[int, dict, sd.DiLoCoState], None] | None = None):
     """Trains until `num_steps` inner steps are done (from state.step, after
-    the start barrier); batch_fn(step) is this slice's batch of inner step
-    `step` ([B, ...], as given to inner_step)."""
-    state = self.start(state)
+    the warm-up and the start barrier), or until `should_stop()` after a
+    sync; batch_fn(step) is this slice's batch of inner step `step` ([B, ...],
+    as given to inner_step)."""
+    try:
+      return self._run(state, batch_fn, num_steps, on_step)
+    finally:
+      if self._listening:
+        jax.monitoring.unregister_event_duration_listener(self._count_compile)
+        self._listening = False
+
+  def _run(self, state, batch_fn, num_steps, on_step):
+    state = self.start(state, batch_fn)
     step = int(state.step)
     while step < num_steps:
+      warm, self._warm = self._warm, None
+      batch = warm[1] if warm is not None and warm[0] == step else batch_fn(step)
       new_step, replicas, metrics = self.algo.compiled_inner()(
-          state.step, state.replicas, jax.tree.map(lambda x: x[None], batch_fn(step)))
+          state.step, state.replicas, jax.tree.map(lambda x: x[None], batch))
       state = state.replace(step=new_step, replicas=replicas)
       self._tokens += int(metrics.get("tokens", 0))
       event = self.algo.event(step)
@@ -373,10 +446,16 @@ class ElasticSlice:
           continue
       if event.sync or event.apply:
         state = self._outer_program(event)(state, given)
+      stop = bool(event.sync) and self.should_stop is not None and self.should_stop()
       if event.sync:
         self.peer.publish_snapshot(step, self.snapshot(state))
-        if self.checkpoints is not None and self.checkpoints.due(step):
+        if self.checkpoints is not None and (stop or self.checkpoints.due(step)):
           self.checkpoints.save(step, state, self._leader)
       if on_step is not None:
         on_step(step, metrics, state)
+      if stop:
+        self.stopped_at = step
+        self._log(f"stopping after the sync of step {step} (asked to stop)"
+                  + (", checkpoint saved" if self.checkpoints is not None else ""))
+        break
     return state

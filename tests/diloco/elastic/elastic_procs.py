@@ -77,9 +77,10 @@ class ElasticRun:
     return (f"--hold_step={step}", f"--hold_file={os.path.join(self.out_dir, 'release')}")
 
   def release_when_restarted(self, s: int, timeout: float) -> None:
-    """Releases the held slices once slice s's second process has started."""
-    self.wait_for(lambda: sum(x["event"] == "started" for x in self.records(s)) >= 2,
-                  timeout, f"the restarted slice {s} to start")
+    """Releases the held slices once slice s's second process has compiled
+    its programs and asks to join."""
+    self.wait_for(lambda: sum(x["event"] == "joining" for x in self.records(s)) >= 2,
+                  timeout, f"the restarted slice {s} to ask to join")
     open(os.path.join(self.out_dir, "release"), "w").close()
 
   def kill(self, s: int) -> None:

@@ -88,6 +88,28 @@ def test_token_weights_and_survivor_subsets():
     assert not np.allclose(weighted[k], unweighted[k])
 
 
+def test_padding_the_mean_to_every_slice_changes_no_bit():
+  """ElasticSlice.sync decodes num_slices payloads whatever the membership,
+  the absent ones (any codes) weighing 0: the same bits as the mean of the
+  present ones alone, with weights 1 or tokens (one program for all counts)."""
+  rng = np.random.default_rng(3)
+  theta = tree(rng, True)
+  frag = fr.make_fragments(theta, 2)[0]
+  enc = jax.jit(functools.partial(es.encode_fragment, frag=frag, fmt="fp4_e3m0",
+                                  block=None))
+  payloads = jax.device_get([enc(one_replica_state(theta, jax.tree.map(
+      lambda x: x - 0.1 * rng.normal(size=x.shape).astype(np.float32), theta)))
+                             for _ in range(4)])
+  dec = jax.jit(functools.partial(es.decode_mean, frag=frag, shapes=frag.shapes(theta),
+                                  fmt="fp4_e3m0", block=None))
+  for w in ([1.0, 1.0], [7.0, 3.0], [5.0]):
+    n = len(w)
+    alone = dec(payloads[:n], jnp.asarray(w, jnp.float32))
+    padded = dec(payloads, jnp.asarray(w + [0.0] * (4 - n), jnp.float32))  # 4 - n absent
+    for k in alone:
+      np.testing.assert_array_equal(np.asarray(padded[k]), np.asarray(alone[k]), err_msg=k)
+
+
 def test_outer_with_is_the_reference_outer_update():
   """outer_with(Δ given) == streaming_diloco.outer_update with one replica."""
   rng = np.random.default_rng(2)

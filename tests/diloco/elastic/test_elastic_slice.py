@@ -87,8 +87,11 @@ def test_kill_mid_inner_phase_then_restart_heals(run):
   rejoined = [x for x in recs[0] if x["event"] == "sync" and x["step"] > healed_at]
   assert rejoined and all(x["members"] == [0, 1, 2] for x in rejoined)
   # the healing slice joins the leaders' commit quorum: nobody waits out the
-  # 10 s join timeout for it (its first round waits for its compiles only)
+  # 10 s join timeout for it; it compiled every program before it asked to
+  # join (warm-up), so neither its heal nor any round compiles anything
   assert max(x["wait_s"] for x in recs[0] if x["event"] == "sync" and x["step"] > 4) < 6.0
+  assert [x["compiles_after_join"] for rec in recs for x in rec if x["event"] == "done"
+          ] == [0, 0, 0]
   for k, v in r.outer(0).items():
     np.testing.assert_array_equal(r.outer(2)[k], v)
     np.testing.assert_array_equal(r.outer(1)[k], v)
