@@ -9,9 +9,10 @@ maps them onto a mesh with axes (replica, data, fsdp, tensor):
   tensor   tensor (model) parallelism over heads, MLP and vocabulary
 
 Each axis has an ICI degree (within a slice) and a DCN degree (across slices).
-With several processes and a DCN degree > 1 the mesh comes from
-`mesh_utils.create_hybrid_device_mesh`; in a single process DCN degrees simply
-multiply the axis size.
+With a DCN degree > 1 and devices of several TPU slices (one process or many)
+or several processes, the mesh comes from `mesh_utils.create_hybrid_device_mesh`
+(one granule per slice, else per process; the DCN part of each axis outermost);
+otherwise (one process, one slice) DCN degrees simply multiply the axis size.
 """
 
 from __future__ import annotations
@@ -90,9 +91,19 @@ def create_mesh(ici_parallelism: Mapping[str, int] | None = None,
   ici = _fill(_axis_shape(ici_parallelism, "ici_parallelism"),
               len(devices) // num_slices, "ici_parallelism")
   multi_process = jax.process_count() > 1
-  if num_slices > 1 and multi_process:
+  device_slices = _num_device_slices(devices)
+  if device_slices > 1 and device_slices != num_slices:
+    raise ValueError(
+        f"The {len(devices)} devices lie in {device_slices} TPU slices but "
+        f"dcn_parallelism {dict(zip(MESH_AXES, dcn))} makes {num_slices}; set the DCN "
+        f"degrees to multiply to {device_slices} (e.g. {{'replica': {device_slices}}}).")
+  if num_slices > 1 and (multi_process or device_slices > 1):
+    # One granule per slice (TPU slice_index; else per process), DCN degrees
+    # outermost on each axis: with dcn {"replica": S}, replica row r is slice r.
+    # Also in one process over several slices (compile-only TPU topologies,
+    # single-controller runtimes).
     array = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=_num_device_slices(devices) <= 1,
+        ici, dcn, devices, process_is_granule=device_slices <= 1,
         allow_split_physical_axes=True)
   else:
     shape = [i * d for i, d in zip(ici, dcn)]

@@ -83,13 +83,33 @@ def test_splash_sharded_over_batch_and_kv_heads_equals_unsharded():
                grads, want_grads)
 
 
-def test_splash_length_not_a_multiple_of_the_block_is_rejected():
-  cfg = tiny_config(attention_impl="splash", splash_block_size=128)
-  params = attn_params(cfg, seed=5)
+def test_splash_pads_a_length_that_is_not_a_multiple_of_the_block():
+  # 192 = 1.5 blocks of 128 and the (1, 1) batch of the parameter init: padded
+  # at the end to whole blocks (the TPU kernel's tiles are multiples of 128),
+  # cut off again; the same values and gradients as the reference path.
+  ref_cfg = tiny_config(attn_logits_soft_cap=5.0)
+  splash_cfg = dataclasses.replace(ref_cfg, attention_impl="splash", splash_block_size=128)
+  params = jax.tree.map(jnp.asarray, attn_params(ref_cfg, seed=5, scale=3.0))
   x = rand(1, (1, 192, 16))
   pos = np.arange(192, dtype=np.int32)[None]
-  with pytest.raises(ValueError, match="multiple of ModelConfig.splash_block_size"):
-    _fn(cfg, "global", pos, None)(params, x)
+  ref_fn, splash_fn = (_fn(c, "global", pos, None) for c in (ref_cfg, splash_cfg))
+  np.testing.assert_allclose(np.asarray(jax.jit(splash_fn)(params, x)),
+                             np.asarray(jax.jit(ref_fn)(params, x)), rtol=1e-5, atol=1e-5)
+  grad = lambda fn: jax.jit(jax.grad(lambda p: jnp.sum(fn(p, x) ** 2)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               grad(_fn(splash_cfg, "local", pos, None)), grad(_fn(ref_cfg, "local", pos, None)))
   for bad in (0, 100):
     with pytest.raises(ValueError, match="splash_block_size must be a positive multiple of 128"):
       tiny_config(splash_block_size=bad)
+
+
+def test_a_splash_trainer_builds():
+  # Trainer construction traces the parameter init on a (1, 1) batch: one
+  # padded block (it failed with "bkv_compute=1 must be a multiple of 128").
+  from posttrain_jax.core.optimizer import OptimizerConfig  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.core.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  from posttrain_jax.models import Transformer, presets  # pylint: disable=g-import-not-at-top
+  cfg = presets.load_preset("tiny", attention_impl="splash", splash_block_size=128)
+  schedule, tx = OptimizerConfig().build(10)
+  trainer = Trainer(Transformer(cfg), tx, schedule, partitioning.create_mesh({"data": -1}))
+  assert trainer.abstract_state.params["layer_0"]["attn"]["q"].shape == (128, 4, 32)
