@@ -32,6 +32,7 @@ from posttrain_jax.inference.sampling import SamplingConfig
 from posttrain_jax.models import ModelConfig, params_checkpoint
 from posttrain_jax.rl import clp as clp_lib
 from posttrain_jax.rl import clp_training
+from posttrain_jax.rl import nonfinite_rewards
 from posttrain_jax.rl.clp_training import read_clp_json, sentencepiece_encoder, write_clp_json  # pylint: disable=unused-import
 from posttrain_jax.rl.gold_reward import VOCAB_PATH
 from posttrain_jax.rl.policy_training import (load_eval_prompts, policy_tokenizer,
@@ -163,6 +164,7 @@ def train_clp(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: st
     return out
 
   history, eval_history = {}, {}
+  checks = [nonfinite_rewards.RewardCheck(r, "drop_rows", reporter.print) for r in rewards]
   loop = StepLoop(start=start, num_steps=num_steps, guard=NonFiniteGuard("skip", 10),
                   reporter=reporter, checkpointer=checkpointer,
                   data_state=lambda: {"prompts": data.get_state()})
@@ -178,6 +180,8 @@ def train_clp(*, model_config: ModelConfig, run_dir: str, initial_checkpoint: st
       w = np.repeat(w, samples_per_prompt, axis=0)  # one w per prompt, shared by its samples
       sample_batch = rollout(state.params, prompt_list, w, jax.random.fold_in(base_key, step),
                              prompt_length=prompt_length)
+      for i, check in enumerate(checks):  # rows with a NaN/inf reward are left out
+        check(step, sample_batch["rewards"][:, i])
       state, metrics = trainer.step(state, sft_params, sample_batch)
       loop.end_step(step, state, metrics)
       if step % log_every == 0 or step == num_steps:

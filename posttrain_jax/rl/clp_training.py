@@ -45,7 +45,7 @@ from posttrain_jax.models import ModelConfig, Transformer
 from posttrain_jax.rl import clp as clp_lib
 from posttrain_jax.rl.gold_reward import VOCAB_PATH
 from posttrain_jax.rl import policy_gradient as pg
-from posttrain_jax.rl.policy_optimization import PolicyState, Rollout
+from posttrain_jax.rl.policy_optimization import PolicyState, Rollout, finite_mean
 from posttrain_jax.rl.reinforce import Reinforce
 
 Array = jax.Array
@@ -82,9 +82,15 @@ def clp_step(state: PolicyState, sft_params, batch, *, policy, ref_model, tx, sc
   entropy = pg.token_entropy_sums(logits, mask)
   tok_lp_ref = jax.lax.stop_gradient(pg.token_logprobs(
       ref_forward(ref_model, sft_params, batch), batch["tokens"], mask))
-  scalar = clp_lib.scalarise(batch["rewards"], batch["weights"])
-  rollout = Rollout(scalar, mask, tok_lp, tok_lp_ref)
+  # a row with any non-finite reward is left out (policy_optimization's "drop_rows")
+  finite = jnp.all(jnp.isfinite(batch["rewards"].astype(jnp.float32)), axis=-1)
+  valid = finite.astype(jnp.float32)
+  scalar = jnp.where(finite, clp_lib.scalarise(
+      jnp.where(finite[:, None], batch["rewards"], 0.0), batch["weights"]), 0.0)
+  rollout = Rollout(scalar, mask, tok_lp, tok_lp_ref, valid)
   adv, seq_weights, algo_metrics = algorithm.advantages(rollout, beta, samples_per_prompt)
+  seq_weights = seq_weights * valid
+  adv = jnp.where(seq_weights > 0, adv, 0.0)
   loss_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "mask",
                                       "weights")}
   loss_batch.update(advantages=jax.lax.stop_gradient(adv), seq_weights=seq_weights)
@@ -97,16 +103,22 @@ def clp_step(state: PolicyState, sft_params, batch, *, policy, ref_model, tx, sc
   train_state, metrics = optimizer_step(state.train_state(), loss_batch, loss_fn=loss_fn,
                                         tx=tx, schedule=schedule,
                                         num_microbatches=num_microbatches)
+  apply = jnp.any(finite)  # no row left: the step is not applied
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+  train_state = train_state.replace(params=keep(train_state.params, state.params),
+                                    opt_state=keep(train_state.opt_state, state.opt_state))
+  metrics["nonfinite"] = jnp.maximum(metrics["nonfinite"], 1.0 - apply.astype(jnp.float32))
+  metrics["nonfinite_rewards"] = jnp.sum(1.0 - valid)
   metrics.update(algo_metrics)
   metrics.update({
-      "reward": jnp.mean(scalar),
+      "reward": finite_mean(jnp.where(finite, scalar, jnp.nan)),
       "kl_sft": mc_sequence_kl(tok_lp, tok_lp_ref, mask)["kl"],
       "entropy": entropy[0] / jnp.maximum(entropy[1], 1.0),
       "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1)),
       "tokens": entropy[1],
   })
   for i in range(batch["rewards"].shape[-1]):
-    metrics[f"reward_{i}"] = jnp.mean(batch["rewards"][:, i].astype(jnp.float32))
+    metrics[f"reward_{i}"] = finite_mean(batch["rewards"][:, i])
   return PolicyState(train_state.step, train_state.params, train_state.opt_state,
                      None), metrics
 
@@ -124,7 +136,7 @@ def eval_metrics(policy, ref_model, params, sft_params, batch) -> dict[str, Arra
          "entropy": entropy[0] / jnp.maximum(entropy[1], 1.0),
          "response_length": jnp.mean(jnp.sum(mask.astype(jnp.float32), -1))}
   for i in range(batch["rewards"].shape[-1]):
-    out[f"reward_{i}"] = jnp.mean(batch["rewards"][:, i].astype(jnp.float32))
+    out[f"reward_{i}"] = finite_mean(batch["rewards"][:, i])
   return out
 
 

@@ -49,15 +49,19 @@ def make_batch(prefix=0, seed=0):
   return clp_training.sample_batch(s, w, rewards, np.full(B, prefix, np.int32))
 
 
-def test_one_hot_w_step_is_the_single_reward_reinforce_step(plain):
+@pytest.mark.parametrize("nan_row", [None, 2])
+def test_one_hot_w_step_is_the_single_reward_reinforce_step(plain, nan_row):
   """w = e_0 everywhere: the full-CLP step on identical copies moves copy 0 exactly as
-  the plain REINFORCE step on r_0 moves the model, and leaves copy 1 unchanged."""
+  the plain REINFORCE step on r_0 moves the model, and leaves copy 1 unchanged; a
+  NaN reward is left out of both alike (its row, and its group's baseline)."""
   cfg = clp.CLPConfig(mixing="full")
   policy = clp.ConditionedPolicy(CFG, cfg)
   model = Transformer(CFG)
   tx, schedule = optax.sgd(0.5), optax.constant_schedule(0.5)
   batch = make_batch()
   batch["weights"] = np.tile([1.0, 0.0], (B, 1)).astype(np.float32)
+  if nan_row is not None:
+    batch["rewards"] = jnp.asarray(batch["rewards"]).at[nan_row, 0].set(jnp.nan)
   clp_params = policy.init_params(plain)
   state = PolicyState(jnp.int32(0), clp_params, tx.init(clp_params), None)
   new, metrics = jax.jit(lambda s, p, b: clp_training.clp_step(
@@ -71,8 +75,9 @@ def test_one_hot_w_step_is_the_single_reward_reinforce_step(plain):
       beta=BETA, ema_rate=0.0, samples_per_prompt=G))(plain_state, plain, plain_batch)
   for key in ("loss", "grad_norm", "kl_sft", "shaped_reward"):
     np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=2e-4, atol=1e-6)
-  assert float(metrics["grad_norm"]) > 0
-  np.testing.assert_allclose(metrics["reward"], np.mean(batch["rewards"][:, 0]), rtol=1e-6)
+  assert float(metrics["grad_norm"]) > 0 and float(metrics["nonfinite"]) == 0.0
+  assert float(metrics["nonfinite_rewards"]) == (nan_row is not None)
+  np.testing.assert_allclose(metrics["reward"], np.nanmean(batch["rewards"][:, 0]), rtol=1e-6)
   for got, ref, before in zip(jax.tree.leaves(new.params), jax.tree.leaves(want.params),
                               jax.tree.leaves(plain)):
     np.testing.assert_allclose(got[0], ref, atol=2e-5)
