@@ -52,7 +52,7 @@ setuptools.setup(
     description=__doc__,
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["posttrain_jax", "posttrain_jax.*"]),
-    package_data={"posttrain_jax.data": ["corpus/*.txt", "vocab/*.model"]},
+    package_data={"posttrain_jax.data": ["corpus/*.txt", "corpus/*.jsonl", "vocab/*.model"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES, "elastic": ELASTIC_REQUIRES, "tpu": TPU_REQUIRES},
 )

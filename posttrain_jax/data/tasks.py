@@ -3,7 +3,8 @@
 Each line of the files is one document (its text becomes ``"targets"``);
 blank lines are skipped; documents longer than the sequence length are split
 into consecutive chunks rather than truncated. Importing this module registers ``"pydoc_lm"``
-over the shipped corpus (splits ``"train"`` and ``"validation"``).
+over the shipped corpus (splits ``"train"`` and ``"validation"``) and the SFT task
+``"pydoc_sft"`` over the shipped instruction set (data.chat, data.sft_pipeline).
 """
 
 from __future__ import annotations
@@ -113,3 +114,11 @@ def task_filepattern(task_name: str, split: str) -> FilePattern | None:
 
 
 register_text_lm_task(PYDOC_LM_TASK, PYDOC_SPLITS)
+
+# The shipped instruction set (tools/make_sft_data.py; conversations in Gemma's
+# chat format, data.chat): the SFT task "pydoc_sft".
+from posttrain_jax.data import chat  # pylint: disable=wrong-import-position
+
+PYDOC_SFT_TASK = "pydoc_sft"
+PYDOC_SFT_SPLITS = chat.PYDOC_SFT_SPLITS
+chat.register_sft_task(PYDOC_SFT_TASK, PYDOC_SFT_SPLITS, validate=False)
