@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 import dataclasses
+import re
 
 from gin import config as gin_config_lib
 from gin import config_parser
@@ -183,3 +184,28 @@ def describe(unused: Sequence[Unused], job: str, command_line: Sequence[str],
   return (f"{line}. Remove {it}, use the gin file that reads {it}, or pass "
           "--allow_unused_bindings to run anyway (a gin file's shared settings: "
           "MAY_BE_UNUSED = [...]).")
+
+
+def _macro_name(value) -> str | None:
+  if (isinstance(value, gin_config_lib.ConfigurableReference)
+      and value.configurable.selector == _MACRO):
+    return value.scoped_selector.rpartition("/")[0]
+  return None
+
+
+def macro_settings(job: str, text: str) -> str:
+  """"SFT_CHECKPOINT = 'runs/nope': " for each parameter of job `job` that
+  `text` (an error of the job) names and that a macro sets, to put before the
+  error: it then names what the user set, not only the job's parameter."""
+  config = gin_config_lib._CONFIG  # pylint: disable=protected-access
+  notes = []
+  for param, value in config.get(("", f"posttrain_jax.{job}"), {}).items():
+    macro = _macro_name(value)
+    if macro is None or not re.search(rf"(?<![\w.]){re.escape(param)}\b", text):
+      continue
+    final, seen = value, set()
+    while _macro_name(final) is not None and _macro_name(final) not in seen:
+      seen.add(_macro_name(final))
+      final = config.get((_macro_name(final), _MACRO), {}).get("value")
+    notes.append(f"{macro} = {final!r}")
+  return "".join(f"{note}: " for note in notes)

@@ -24,6 +24,7 @@ import gin  # pylint: disable=g-import-not-at-top
 
 from posttrain_jax import cli, gin_usage
 from posttrain_jax.core import distributed
+from posttrain_jax.core.checkpointing import CheckpointDamagedError
 from posttrain_jax.core.nonfinite_guard import NonFiniteError
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
@@ -148,7 +149,9 @@ def main(argv) -> int:
   except (ValueError, FileNotFoundError) as e:
     if os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
       raise
-    raise cli.ConfigError(cli.strip_gin_context(str(e))) from e
+    text = cli.strip_gin_context(str(e))
+    raise cli.ConfigError(gin_usage.macro_settings(name, text) + text) from e
+  except (NonFiniteError, CheckpointDamagedError) as e:
     raise cli.RunError(cli.strip_gin_context(str(e))) from e
   return 0
 

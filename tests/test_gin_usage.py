@@ -174,3 +174,19 @@ def test_binary_refuses_an_unused_override_before_any_work(tmp_path):
                   "--gin.NUM_STEPS=5", timeout=120)
   assert "does not read NUM_STEPS (command line)" in error_line(proc)
   assert not run_dir.exists()
+
+
+def test_a_job_error_names_the_macro_the_user_set(clean_gin, tmp_path):
+  # train_policy.initial_checkpoint = %SFT_CHECKPOINT: the error starts with
+  # what the user typed, then the job's own words.
+  with pytest.raises(cli.ConfigError) as e:
+    main.main(["--gin_file=gin/experiments/rloo_gold.gin", "--gin.SFT_CHECKPOINT='runs/nope'",
+               f"--gin.RUN_DIR='{tmp_path / 'run'}'"])
+  assert str(e.value).startswith(
+      "SFT_CHECKPOINT = 'runs/nope': initial_checkpoint runs/nope does not exist: give the "
+      "SFT model")
+  assert not (tmp_path / "run").exists()
+  # Only parameters the error names are attributed, and only through macros.
+  assert gin_usage.macro_settings("train_policy", "num_steps must be >= 1") == \
+      "NUM_STEPS = 200: "
+  assert gin_usage.macro_settings("train_policy", "prompts.batch_size is odd") == ""

@@ -40,10 +40,11 @@ class ProgressReporter:
            ("tokens_per_sec", "tok/s", "{:,.0f}"))
 
   def __init__(self, log_dir: str, *, total_steps: int, start_step: int,
-               log_every: int = 10, stream=sys.stdout, shown=None):
+               log_every: int = 10, stream=None, shown=None):
     self.writer = metric_writers.create_default_writer(
         log_dir, just_logging=jax.process_index() > 0)
-    self.total_steps, self.log_every, self.stream = total_steps, log_every, stream
+    self.total_steps, self.log_every = total_steps, log_every
+    self.stream = stream if stream is not None else sys.stdout  # as redirected now
     self.history: dict[int, float] = {}
     self.shown = self.SHOWN if shown is None else tuple(shown)
     self._pending: list[tuple[int, dict]] = []

@@ -147,7 +147,9 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     raise ValueError("train_policy needs initial_checkpoint: the SFT model directory "
                      "(policy init and KL reference); set train_policy.initial_checkpoint.")
   if not os.path.exists(initial_checkpoint):
-    raise FileNotFoundError(f"initial_checkpoint {initial_checkpoint} does not exist.")
+    raise FileNotFoundError(f"initial_checkpoint {initial_checkpoint} does not exist: give the "
+                            "SFT model (a model or run directory, e.g. runs/lm_quickstart from "
+                            "gin/experiments/lm_quickstart.gin).")
   if prompts is None and prompt_source is None:
     raise ValueError("train_policy needs prompts: set train_policy.prompts = "
                      "@train_prompts/PromptConfig() (see gin/experiments/rl/reinforce.gin).")
@@ -223,12 +225,18 @@ def train_policy(*, model_config: ModelConfig, run_dir: str, initial_checkpoint:
     start //= updates
   if diloco is not None:
     step_trainer.start(start)
+  shown = SHOWN  # an algorithm's readable objective pieces in place of its surrogate "loss"
+  if getattr(algorithm, "shown", None):
+    shown = tuple(x for e in SHOWN for x in (algorithm.shown if e[0] == "loss" else (e,)))
   reporter = ProgressReporter(run_dir, total_steps=num_steps, start_step=start,
-                              log_every=log_every, shown=SHOWN)
+                              log_every=log_every, shown=shown)
   operative_config_lib.record(run_dir, operative_config)  # the start succeeded
   if operative_config:
     reporter.write_text(start, "config", operative_config)
-  reporter.print(f"{origin} | {_describe(algorithm)} | anchor {anchor} (mu {ema_rate}) | beta {beta} | reward "
+  # mu only moves an EMA anchor; BOND's KL weight is fixed by N (no job beta).
+  anchor_text = f"anchor {anchor}" + (f" (mu {ema_rate})" if anchor == "ema" else "")
+  beta_text = f" | beta {beta}" if getattr(algorithm, "uses_beta", True) else ""
+  reporter.print(f"{origin} | {_describe(algorithm)} | {anchor_text}{beta_text} | reward "
                  f"{reward} | {batch_size // samples_per_prompt}x{samples_per_prompt} "
                  f"samples/step | mesh {dict(mesh.shape)} | run_dir {run_dir}")
   if start >= num_steps:

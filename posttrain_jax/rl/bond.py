@@ -175,6 +175,11 @@ class BOND:
   quantile_floor: float | None = None
   name = "BOND"
   max_updates = 1
+  uses_beta = False  # train_policy.beta: the KL weight is fixed by N
+  # The progress line shows the Jeffreys objective's pieces, not the surrogate
+  # "loss" (-sum_i c_i log pi(y_i), dominated by the Best-of-N sample's NLL).
+  shown = (("bond/jeffreys", "jeffreys", "{:.3f}"), ("bond/forward_kl", "fwd_kl", "{:.3f}"),
+           ("bond/backward_kl", "bwd_kl", "{:.3f}"), ("bond/quantile", "quantile", "{:.3f}"))
 
   def row_sources(self, samples_per_prompt: int) -> tuple[str, ...]:
     return ("policy",) * self.num_policy + ("anchor",) * (samples_per_prompt
@@ -227,17 +232,21 @@ class BOND:
     weights = jnp.full_like(adv, 1.0 / g)    # sum = prompts: per-prompt means
     bon_quantile = quantile_estimate(jnp.sum(best * r_anc, -1), r_anc)
     k_eff = self.n - 1
+    # KL(pi || pi_BoN) ~ E_pi[log pi - log pi_a - (N-1) log p_hat] (collision dropped)
+    backward_kl = mean(jnp.mean(ret * -1.0, -1))
+    # KL(pi_BoN || pi) ~ E_BoN[log pi_a - log pi + (N-1) log p_hat] (same caveat)
+    forward_kl = mean(jnp.sum(best * -log_ratio[:, p:], -1)
+                      + k_eff * jnp.log(jnp.maximum(bon_quantile, 1e-6)))
     metrics = {
+        # J_beta = (1 - beta) KL(pi_BoN || pi) + beta KL(pi || pi_BoN), estimated
+        "bond/jeffreys": (1.0 - self.beta) * forward_kl + self.beta * backward_kl,
         "bond/quantile": mean(jnp.mean(p_hat, -1)),   # reward quantile vs the anchor
         "bond/policy_reward": mean(jnp.mean(r_pol, -1)),
         "bond/anchor_reward": mean(jnp.mean(r_anc, -1)),
         "bond/best_of_n_reward": mean(jnp.sum(best * r_anc, -1)),
         "bond/backward_return": mean(jnp.mean(ret, -1)),
-        # KL(pi || pi_BoN) ~ E_pi[log pi - log pi_a - (N-1) log p_hat] (collision dropped)
-        "bond/backward_kl": mean(jnp.mean(ret * -1.0, -1)),
-        # KL(pi_BoN || pi) ~ E_BoN[log pi_a - log pi + (N-1) log p_hat] (same caveat)
-        "bond/forward_kl": mean(jnp.sum(best * -log_ratio[:, p:], -1)
-                                + k_eff * jnp.log(jnp.maximum(bon_quantile, 1e-6))),
+        "bond/backward_kl": backward_kl,
+        "bond/forward_kl": forward_kl,
     }
     return adv, weights, metrics
 

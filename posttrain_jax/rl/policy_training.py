@@ -101,6 +101,10 @@ class PolicyTrainer:
       raise ValueError(f"Unknown anchor {anchor!r}; choose one of {list(ANCHORS)}.")
     if not 0.0 <= ema_rate <= 1.0:
       raise ValueError(f"ema_rate (mu) must be in [0, 1], got {ema_rate}.")
+    if not beta >= 0.0:  # as DPO refuses beta <= 0 (rl/dpo.py)
+      raise ValueError(f"beta (the KL penalty towards the anchor) must be >= 0, got {beta}: "
+                       "a negative beta is a bonus for moving away from it. Use 0 for no "
+                       "KL term (GRPO's paper: 0.04).")
     self.algorithm = algorithm or Reinforce()
     po.check_updates(self.algorithm, num_epochs, num_minibatches, samples_per_prompt)
     po.check_nonfinite_rewards(nonfinite_rewards)

@@ -226,13 +226,27 @@ def test_sharded_jbond_step_equals_unsharded_on_8_devices(sft_dir):
     np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-6)
 
 
-def test_train_policy_runs_jbond_with_anchor_samples_and_hard_resets(tmp_path, sft_dir):
+def test_train_policy_runs_jbond_with_anchor_samples_and_hard_resets(tmp_path, sft_dir,
+                                                                     capfd):
   result = run(tmp_path / "run", sft_dir, 2, algorithm=JBOND(), samples_per_prompt=3,
                anchor="ema", ema_rate=0.0, anchor_reset_every=2,
                prompt_source=FixedPrompts(batch_size=8))
   assert result.final_step == 2
   for key in ("loss", "bond/quantile", "bond/forward_kl", "kl_anchor", "kl_sft"):
     assert np.isfinite(result.metrics[2][key]), key
+  m = result.metrics[2]  # J_beta = (1 - beta) forward + beta backward, beta = 0.5
+  assert m["bond/jeffreys"] == pytest.approx(
+      0.5 * m["bond/forward_kl"] + 0.5 * m["bond/backward_kl"], rel=1e-5)
+  out = capfd.readouterr().out.splitlines()
+  # The start line shows J-BOND's own beta only (train_policy.beta is not used).
+  header = [l for l in out if "initialised from" in l]
+  assert len(header) == 1 and "J-BOND(" in header[0] and "beta=0.5" in header[0]
+  assert "| beta " not in header[0] and "| anchor ema (mu 0.0) |" in header[0]
+  # The progress line shows the Jeffreys objective's pieces, not the surrogate loss.
+  progress = [l for l in out if l.startswith("step 2/2")]
+  assert len(progress) == 1
+  assert all(f"| {k} " in progress[0] for k in ("jeffreys", "fwd_kl", "bwd_kl", "quantile"))
+  assert "| loss " not in progress[0]
   for a, b in zip(leaves(result.state.params), leaves(result.state.anchor_params)):
     np.testing.assert_array_equal(a, b)       # reset at step 2
   with pytest.raises(ValueError, match="anchor_reset_every needs anchor"):

@@ -15,6 +15,7 @@ import pytest
 
 from posttrain_jax.rl.grpo import GRPO, group_advantages, k3_kl
 from posttrain_jax.rl.policy_optimization import PolicyState, policy_step
+from posttrain_jax.rl.policy_training import PolicyTrainer
 
 from toy_policy import L, N, T, V, TablePolicy, batch, token_log_pi  # pylint: disable=g-bad-import-order
 
@@ -175,3 +176,14 @@ def test_group_advantages_match_numpy_and_uniform_groups_are_dropped():
 def test_bad_settings_are_rejected(kwargs, g, match):
   with pytest.raises(ValueError, match=match):
     GRPO(**kwargs).check(g)
+
+
+@pytest.mark.parametrize("beta", [-0.04, float("nan")])
+def test_a_negative_beta_is_refused_as_dpo_refuses_it(beta):
+  with pytest.raises(ValueError, match="must be >= 0, got"):
+    PolicyTrainer(None, None, None, None, beta=beta, anchor="sft", ema_rate=0.0,
+                  samples_per_prompt=4, algorithm=GRPO())
+  # beta = 0 (no KL term) is allowed: the check comes later (no model given).
+  with pytest.raises(AttributeError):
+    PolicyTrainer(None, None, None, None, beta=0.0, anchor="sft", ema_rate=0.0,
+                  samples_per_prompt=4, algorithm=GRPO())

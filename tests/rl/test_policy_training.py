@@ -57,9 +57,12 @@ def test_rl_steps_on_8_devices(tmp_path, sft_dir, ici, ema_rate):
   assert result.metrics[3]["kl_sft"] != 0.0
 
 
-def test_sft_anchor_stores_no_copy(tmp_path, sft_dir):
+def test_sft_anchor_stores_no_copy(tmp_path, sft_dir, capfd):
   result = run(tmp_path / "run", sft_dir, 2, anchor="sft", baseline="mean")
   assert result.state.anchor_params is None
+  # The start line names no EMA rate for a fixed anchor (mu moves only "ema").
+  header = [l for l in capfd.readouterr().out.splitlines() if "initialised from" in l]
+  assert len(header) == 1 and "| anchor sft | beta 0.1 |" in header[0], header
   m = result.metrics[2]
   assert m["kl_sft"] == m["kl_anchor"] and np.isfinite(m["loss"])
   # the run directory reads like any run (locate finds the policy's params)

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from posttrain_jax.rl.policy_optimization import PolicyState, Rollout, policy_step
-from posttrain_jax.rl.policy_training import rl_step
+from posttrain_jax.rl.policy_training import PolicyTrainer, rl_step
 from posttrain_jax.rl.rloo import RLOO
 
 from toy_policy import N, T, V, TablePolicy, batch  # pylint: disable=g-bad-import-order
@@ -58,6 +58,15 @@ def test_sequence_ratio_is_clipped(adv, log_ratio, zero_grad):
     np.testing.assert_array_equal(grad, [0.0, 0.0])
   else:
     np.testing.assert_allclose(grad, [-np.exp(log_ratio) * adv] * 2, rtol=1e-6)
+
+
+def test_a_negative_beta_is_refused_as_dpo_refuses_it():
+  # The job's KL penalty towards the anchor; beta < 0 would be a bonus for
+  # moving away from it (rl/dpo.py refuses beta <= 0 the same way).
+  with pytest.raises(ValueError, match=r"^beta \(the KL penalty towards the anchor\) must "
+                     r"be >= 0, got -0.1"):
+    PolicyTrainer(None, None, None, None, beta=-0.1, anchor="sft", ema_rate=0.0,
+                  samples_per_prompt=4, algorithm=RLOO())
 
 
 def test_bad_settings_are_rejected():
