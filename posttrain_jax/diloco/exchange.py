@@ -23,13 +23,18 @@ block of Δ and its shard over the other mesh axes, and:
   2. encodes its shard: fp4_e3m0 -> uint8 codes packed two per byte, int8 ->
      int8 codes, bf16 -> bfloat16 values, none -> float32 values (that format
      is fp32);
-  3. `all_gather`s the codes and the float32 scales over "replica" only.
-     This is all that crosses the replica axis: per tensor, each device sends
-     its shard's codes (fp4: ceil(n_shard / 2) bytes) and its copy of the
-     scales (4 bytes each); over a replica's devices that is
-     `quantization.bytes_of` of the tensor (`Traffic` counts M - 1 of these
-     per replica) plus at most one pad nibble per shard and the scales
-     repeated once per shard;
+  3. `all_gather`s the codes and the float32 scales over "replica" only, as
+     one uint8 payload per tensor (the scales' bytes after the codes). The n
+     devices of a replica group that hold the same shard (mesh axes that do
+     not split the tensor, e.g. "data") each send a 1/n piece of it over
+     "replica", and an all-gather over those axes (ICI) completes it, so a
+     replica sends each shard once. This is all that crosses the replica
+     axis: per tensor and shard, its codes (fp4: ceil(n_shard / 2) bytes) and
+     its copy of the scales (4 bytes each), the pieces rounded up to whole
+     bytes; over a replica that is `quantization.bytes_of` of the tensor plus
+     at most one pad nibble per shard, the scales repeated once per shard and
+     the pieces' rounding (`chip_wire_bytes`; `Traffic` counts exactly this,
+     M - 1 of it per replica, when given the shardings, as DiLoCoTrainer does);
   4. unpacks and decodes the M replicas' codes and takes the weighted fp32 mean
      locally (`streaming_diloco.replica_mean`, the reference's fixed order of
      summation): Δ_p comes out sharded like the param (replicated over
@@ -217,6 +222,59 @@ def _encode(x, plan: _Plan, fmt: str, block: int | None):
   return codes, scale
 
 
+def _wire(codes, scales):
+  """[k, ...] codes (and float32 scales, or None) -> one uint8 [k, bytes]
+  payload (bitcasts: the scales travel with the codes, byte for byte)."""
+  k = codes.shape[0]
+  as_bytes = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(k, -1)
+  return jnp.concatenate([as_bytes(codes)] + ([] if scales is None else [as_bytes(scales)]),
+                         axis=1)
+
+
+def _replicated_axes(plan: _Plan, mesh) -> tuple[str, ...]:
+  """Mesh axes (besides "replica", of size > 1) that do not split the tensor:
+  its chips along them hold the same payload, so each sends a 1/n piece."""
+  used = {a for e in plan.spec for a in _axes_of(e)}
+  return tuple(a for a in mesh.axis_names
+               if a != REPLICA_AXIS and a not in used and mesh.shape[a] > 1)
+
+
+def _unwire(wire, codes, scales):
+  """The gathered [M, bytes] payload -> (codes [M, ...], scales [M, ...]) of
+  the dtypes and per-replica shapes of `codes` and `scales`."""
+  m = wire.shape[0]
+
+  def take(part, like):
+    size = jnp.dtype(like.dtype).itemsize
+    part = part.reshape((m,) + like.shape[1:] + ((size,) if size > 1 else ()))
+    return jax.lax.bitcast_convert_type(part, like.dtype)
+  n = math.prod(codes.shape[1:]) * jnp.dtype(codes.dtype).itemsize
+  return take(wire[:, :n], codes), None if scales is None else take(wire[:, n:], scales)
+
+
+def chip_wire_bytes(frag: fr.Fragment, param_shardings, params, fmt: str,
+                    block: int | None) -> int:
+  """Bytes one chip all-gathers over "replica" in `sharded_exchange` of
+  fragment `frag`: per packed tensor, its shard's codes and scales, divided
+  (rounded up) among the chips that hold the same shard; `params`: arrays or
+  ShapeDtypeStructs."""
+  shapes = frag.shapes(params)
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  total = 0
+  for name, plan in plans(frag, param_shardings, shapes, fmt, block).items():
+    if plan is None:
+      continue
+    local = NamedSharding(mesh, PartitionSpec(*plan.spec)).shard_shape(tuple(shapes[name]))
+    no_pmax = dataclasses.replace(plan, reduce_axes=())  # shapes only
+    out = jax.eval_shape(lambda x, p=no_pmax: _encode(x, p, fmt, block),
+                         jax.ShapeDtypeStruct((1,) + tuple(local), jnp.float32))
+    payload = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+                  for a in jax.tree.leaves(out))
+    n = math.prod(mesh.shape[a] for a in _replicated_axes(plan, mesh))
+    total += -(-payload // n)
+  return total
+
+
 def _decode(codes, scales, shard_shape, plan: _Plan, fmt: str, block: int | None):
   """Gathered codes and scales of the M replicas -> fp32 Δ [M, *shard_shape]."""
   m = codes.shape[0]
@@ -266,8 +324,20 @@ def sharded_exchange(outer, replica_params_, frag: fr.Fragment,
       codes, scales = _encode(x, plan, fmt, block)
       gather = lambda a: jax.lax.all_gather(a, REPLICA_AXIS, axis=0, tiled=True,
                                             to="invarying")
-      codes = gather(codes)
-      scales = None if scales is None else gather(scales)
+      wire = _wire(codes, scales)  # one uint8 payload: codes, then the scales' bytes
+      spread = _replicated_axes(plan, mesh)
+      if spread:  # each chip of the slice sends its 1/n piece; ICI completes it
+        n = math.prod(mesh.shape[a] for a in spread)
+        piece = -(-wire.shape[1] // n)
+        padded = jnp.pad(wire, ((0, 0), (0, n * piece - wire.shape[1])))
+        mine = jax.lax.dynamic_slice_in_dim(
+            padded, jax.lax.axis_index(spread) * piece, piece, axis=1)
+        whole = jax.lax.all_gather(gather(mine), spread, axis=1, tiled=True,
+                                   to="invarying")
+        gathered = whole[:, :wire.shape[1]]
+      else:
+        gathered = gather(wire)
+      codes, scales = _unwire(gathered, codes, scales)
       values = _decode(codes, scales, x.shape[1:], plan, fmt, block)
       out[k] = replica_mean(w, values)
     return out

@@ -366,7 +366,7 @@ class StreamingDiLoCo:
 
   def __init__(self, config: DiLoCoConfig, inner_step: InnerStep, params,
                spmd_axis_name: str | None = None, exchange_fn: Callable = exchange,
-               fuse_exchange: bool = True, fallback=None):
+               fuse_exchange: bool = True, fallback=None, shardings=None):
     self.config = config
     self.exchange_fn = exchange_fn
     self.inner_step = inner_step
@@ -375,10 +375,11 @@ class StreamingDiLoCo:
                                     config.overlap)
     self.fused = fuse_exchange and config.overlap >= 1
     self.outer_tx = config.outer_optimizer()
-    # fallback: per fragment, tensors on the fp32 reference path (traffic.py)
+    # fallback: per fragment, tensors on the fp32 reference path; shardings:
+    # the params' when the exchange is sharded over "replica" (traffic.py)
     self.traffic = Traffic.build(params, self.fragments, config.quantization,
                                  config.quant_block, config.num_replicas,
-                                 config.dp_dtype, fallback)
+                                 config.dp_dtype, fallback, shardings)
     self.spmd_axis_name = spmd_axis_name
     self.dispatches: collections.Counter = collections.Counter()
     self._inner: Callable | None = None

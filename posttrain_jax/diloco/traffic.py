@@ -43,6 +43,7 @@ import math
 import jax
 import numpy as np
 
+from posttrain_jax.diloco import exchange
 from posttrain_jax.diloco import fragments as fr
 from posttrain_jax.diloco import quantization
 
@@ -86,9 +87,15 @@ class Traffic:
   @classmethod
   def build(cls, params, fragments: Sequence[fr.Fragment], fmt: str,
             block: int | None, num_replicas: int = 2, dp_dtype: str = "bfloat16",
-            fallback: Sequence[Sequence[str]] | None = None) -> "Traffic":
+            fallback: Sequence[Sequence[str]] | None = None,
+            shardings=None) -> "Traffic":
     """`fallback[p]`: the selector names of fragment p exchanged by the fp32
-    reference (`exchange.fallback_names`); None: none."""
+    reference (`exchange.fallback_names`); None: none. `shardings`: the
+    params' NamedShardings when the exchange runs sharded over a "replica"
+    mesh axis (`exchange.sharded_exchange`): a replica's payload is then what
+    its chips send (`exchange.chip_wire_bytes` x chips per replica: the
+    codes and scales of each chip's shards, replicated tensors once per chip);
+    None: the unsharded tensors' `quantization.bytes_of`."""
     _dtype_size(dp_dtype)
     leaves = fr._leaves_by_path(params)  # pylint: disable=protected-access
     gather, reduce, names = [], [], []
@@ -104,6 +111,10 @@ class Traffic:
           g += quantization.bytes_of(fr.selected_shape(shape, s.rows), fmt, block)
         else:  # one tensor per row (a scanned layer's slice)
           g += len(range(*s.rows)) * quantization.bytes_of(shape[1:], fmt, block)
+      if shardings is not None:
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        chips = mesh.devices.size // mesh.shape[exchange.REPLICA_AXIS]
+        g = chips * exchange.chip_wire_bytes(f, shardings, params, fmt, block)
       gather.append(g)
       reduce.append(r)
     num = sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -103,7 +103,8 @@ class DiLoCoTrainer:
                 for f in config.make_fragments(abstract_params)]
     self.algo = StreamingDiLoCo(config, inner_step, abstract_params,
                                 spmd_axis_name=REPLICA_AXIS, exchange_fn=exchange_fn,
-                                fuse_exchange=fuse_exchange, fallback=fallback)
+                                fuse_exchange=fuse_exchange, fallback=fallback,
+                                shardings=param_sh if r > 1 else None)
     if any(fallback) and config.block_fallback == "error":
       raise ValueError(self.algo.traffic.fallback_line() + " (block_fallback='error')")
     (logging.warning if any(fallback) else logging.info)(

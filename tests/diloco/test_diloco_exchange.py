@@ -191,19 +191,24 @@ def test_outer_program_all_gathers_packed_fp4_codes_over_replica():
 
   found = collectives(outer_hlo(trainer, event))
   u8 = [(arrays, line) for op, arrays, line in found
-        if op == "all-gather" and arrays and all(d == "u8" for d, _ in arrays)]
-  assert u8, "no all-gather of packed u8 codes"
-  assert all(f"replica_groups={replica_groups}" in line for _, line in u8)
+        if op == "all-gather" and arrays and all(d == "u8" for d, _ in arrays)
+        and f"replica_groups={replica_groups}" in line]
+  assert u8, "no all-gather of packed u8 codes over replica"
   frag = trainer.fragments[0]
   shapes = frag.shapes(trainer.trainer.abstract_state.params)
-  # one u8 all-gather per tensor: [M, ceil(shard size / 2)] bytes
+  # one u8 all-gather per tensor: [M, payload] bytes, payload = its shard's
+  # ceil(n / 2) code bytes + 4 for its scale, split among the chips holding
+  # the same shard (axes of size 2 that do not split it)
   assert len(u8) == len(shapes)
   gathered = sorted(n for arrays, _ in u8 for _, n in arrays)
   specs = fr.take_like(trainer.trainer.param_shardings, frag, lambda s, rows: s.spec)
-  shards = [int(np.prod(shape)) // int(np.prod(
-      [mesh.shape[a] for e in specs[k] for a in ((e,) if isinstance(e, str) else e or ())]))
-            for k, shape in shapes.items()]
-  assert gathered == sorted(m * -(-n // 2) for n in shards)
+  used = {k: [a for e in specs[k] for a in ((e,) if isinstance(e, str) else e or ())]
+          for k in shapes}
+  shards = {k: int(np.prod(shape)) // int(np.prod([mesh.shape[a] for a in used[k]]))
+            for k, shape in shapes.items()}
+  copies = {k: int(np.prod([mesh.shape[a] for a in ("fsdp", "tensor") if a not in used[k]]))
+            for k in shapes}
+  assert gathered == sorted(m * -(-(-(-shards[k] // 2) + 4) // copies[k]) for k in shapes)
   floats = [(op, arrays, line) for op, arrays, line in found
             if any(d in ("f32", "bf16") for d, _ in arrays)]
   assert floats  # the scales

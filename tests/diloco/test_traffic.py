@@ -12,6 +12,7 @@ import pytest
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.diloco import exchange as dx
+from posttrain_jax.diloco import fragments as fr
 from posttrain_jax.diloco import quantization
 from posttrain_jax.diloco import streaming_diloco as sd
 from posttrain_jax.diloco import traffic as tr
@@ -112,10 +113,18 @@ def test_fallback_is_counted_at_fp32_all_reduce_and_reported(m, caplog):
     assert {f"{p}/{k}" for k in slow} == {n for n in t.fallback if n.startswith(f"{p}/")}
     sizes = {k: int(np.prod(s)) for k, s in frag.shapes(params).items()}
     assert t.reduce_bytes[p] == 4 * sum(sizes[k] for k in slow)
-    # every fast tensor here is a single tensor (no scanned rows)
-    assert t.gather_bytes[p] == sum(quantization.bytes_of(s, "fp4_e3m0", 16)
-                                    for k, s in frag.shapes(params).items()
-                                    if k not in slow)
+    # every fast tensor here is a single tensor (no scanned rows): what the 4
+    # chips of a replica send, each its shard's FP4 codes + block scales, a
+    # shard that 2 chips hold sent half by each
+    specs = fr.take_like(trainer.trainer.param_shardings, frag, lambda s, rows: s.spec)
+    sent = 0
+    for k, s in frag.shapes(params).items():
+      if k in slow:
+        continue
+      used = [a for e in specs[k] for a in ((e,) if isinstance(e, str) else e or ())]
+      shard = sizes[k] // 2 ** len(used)
+      sent += 4 * -(-quantization.bytes_of((shard,), "fp4_e3m0", 16) // 2 ** (2 - len(used)))
+    assert t.gather_bytes[p] == sent
     assert t.sync_bytes(p) == ((m - 1) * t.gather_bytes[p]
                                + 2 * (m - 1) * t.reduce_bytes[p] // m)
   # without the fallback the same fragments would be cheaper: the fp32 is visible
