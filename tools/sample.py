@@ -11,7 +11,8 @@ directory (its newest checkpoint, or --step). Each prompt line is
 when the model's vocab_size matches it). Each output line holds the prompt
 index, the prompt and generated token ids, the generated text when a
 vocabulary is known, and per-token log-probs under the sampling distribution
-and the model. Imports no TensorFlow.
+and the model; the first --show samples (3) are printed too. A train_clp run
+directory needs --weights (its reward weighting). Imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def parse_args(argv):
   p.add_argument("--weights", default=None,
                  help="CLP reward weighting w, e.g. 0.3,0.7 (a train_clp run directory)")
   p.add_argument("--ici", default="data=-1", help="mesh degrees, e.g. data=2,tensor=4")
+  p.add_argument("--show", type=int, default=3,
+                 help="print the first N samples (text, else token ids); 0: none")
   return p.parse_args(argv)
 
 
@@ -102,6 +105,19 @@ def read_prompts(path: str, vocab) -> list[list[int]]:
   return prompts
 
 
+def check_clp_weights(checkpoint_dir: str, weights: str | None) -> None:
+  """A train_clp run holds a reward-conditioned policy: sampling it needs the
+  weighting w (its parameters do not fit the plain model)."""
+  if weights is not None or not os.path.isfile(
+      os.path.join(checkpoint_dir, clp_training.CLP_JSON)):
+    return
+  rewards, _, _ = clp_training.read_clp_json(checkpoint_dir)
+  example = ",".join([f"{1 / len(rewards):.2g}"] * len(rewards))
+  raise cli.ConfigError(
+      f"{checkpoint_dir} is a CLP run (train_clp; rewards {', '.join(rewards)}): pass "
+      f"--weights with one weight per reward, summing to 1, e.g. --weights {example}.")
+
+
 def conditioned_sampler(args, cfg, mesh, sampler, abstract, prompts):
   """(generate(prompts, rng, prompt_length), prompts, w or None): the plain model, or a
   CLP run steered by --weights (module docstring)."""
@@ -142,6 +158,7 @@ def main(argv) -> int:
     cfg = params_checkpoint.model_config_of(location, args.model_gin)
   except (FileNotFoundError, ValueError) as e:
     raise cli.ConfigError(str(e)) from e
+  check_clp_weights(args.checkpoint_dir, args.weights)
   vocab = load_vocab(args.vocab, args.checkpoint_dir, cfg.vocab_size)
   prompts = read_prompts(args.prompts_file, vocab)
   try:
@@ -179,6 +196,9 @@ def main(argv) -> int:
   with open(args.out, "w") as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
+  for row in rows[:args.show]:
+    shown = row.get("text", " ".join(map(str, row["tokens"])))
+    print(f"[{row['index']}] {shown!r}")
   print(f"wrote {len(rows)} samples to {args.out}")
   return 0
 

@@ -1,6 +1,7 @@
 """The train_clp job: a short prompt-conditioned attn-CLP run, its eval, clp.json, resume,
 and tools/sample.py --weights on the run directory."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from posttrain_jax import cli
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.jobs.train_clp import train_clp
 from posttrain_jax.models import ModelConfig, Transformer, params_checkpoint
@@ -94,6 +96,16 @@ def test_sample_tool_steers_the_run_with_weights(clp_run, tmp_path):
   bad = subprocess.run(tool + ["--out", str(out), "--weights", "0.5,0.6"], env=env,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "simplex" in bad.stderr
+  # Without --weights: one line saying what to pass (was a 46-line shape mismatch).
+  spec = importlib.util.spec_from_file_location("sample_tool",
+                                                os.path.join(REPO, "tools", "sample.py"))
+  sample_tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sample_tool)
+  with pytest.raises(cli.ConfigError) as e:
+    sample_tool.main(tool[2:] + ["--out", str(out)])
+  assert str(e.value) == (f"{root / 'run'} is a CLP run (train_clp; rewards gold, brevity): "
+                          "pass --weights with one weight per reward, summing to 1, e.g. "
+                          "--weights 0.5,0.5.")
 
 
 def test_eval_front_clp_mode_reports_every_reward(clp_run, tmp_path):

@@ -52,6 +52,9 @@ def test_greedy_samples_match_the_library(model_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "tensorflow" not in proc.stderr.lower()
   rows = [json.loads(l) for l in out.read_text().splitlines()]
+  # The samples are shown, not only counted.
+  assert proc.stdout.splitlines() == [f"[0] {rows[0]['text']!r}", f"[1] {rows[1]['text']!r}",
+                                      f"wrote 2 samples to {out}"]
   assert [r["index"] for r in rows] == [0, 1]
   assert rows[1]["prompt_tokens"] == [5, 6, 7, 8]
   assert all(len(r["tokens"]) == 6 and isinstance(r["text"], str) for r in rows)
