@@ -32,6 +32,12 @@ class ProgressReporter:
   Scalars written: every metric of the step (window means; "tokens" becomes
   tokens_per_sec) and steps_per_sec; `history` keeps every step's "loss". The
   progress line shows the `shown` metrics that are present.
+
+  Rates and the ETA leave out the first step of each start: its time is
+  mostly compilation (jit compiles on the first call, before update() sees the
+  step), which made the first ETA several times too long. The first window's
+  rate runs from the first update() to the flush; a window holding only the
+  first step has no rate yet (the line says so, steps_per_sec is not written).
   """
 
   # (metric key, label, format) printed on the progress line when present.
@@ -49,6 +55,7 @@ class ProgressReporter:
     self.shown = self.SHOWN if shown is None else tuple(shown)
     self._pending: list[tuple[int, dict]] = []
     self._last_time, self._last_step = time.perf_counter(), start_step
+    self._first_step_done = False  # the rate's window starts after the first step
 
   def print(self, text: str) -> None:
     if jax.process_index() == 0:
@@ -59,6 +66,9 @@ class ProgressReporter:
 
   def update(self, step: int, metrics: dict) -> None:
     """Records the metrics of the step that ended at `step` (1-based)."""
+    if not self._first_step_done:  # compiled and dispatched: time from here
+      self._first_step_done = True
+      self._last_time, self._last_step = time.perf_counter(), step
     self._pending.append((step, metrics))
     if step % self.log_every == 0 or step == self.total_steps:
       self.flush()
@@ -75,17 +85,22 @@ class ProgressReporter:
     elapsed = now - self._last_time
     scalars = {k: float(np.mean([m[k] for m in fetched]))
                for k in fetched[0] if k != "tokens"}
-    scalars["steps_per_sec"] = (step - self._last_step) / max(elapsed, 1e-9)
-    if "tokens" in fetched[0]:
-      tokens = float(sum(m["tokens"] for m in fetched))
-      scalars["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
+    timed = [m for s, m in zip(steps, fetched) if s > self._last_step]  # not the first step
+    if timed:
+      scalars["steps_per_sec"] = (step - self._last_step) / max(elapsed, 1e-9)
+      if "tokens" in fetched[0]:
+        tokens = float(sum(m["tokens"] for m in timed))
+        scalars["tokens_per_sec"] = tokens / max(elapsed, 1e-9)
     self.writer.write_scalars(step, scalars)
-    eta = (self.total_steps - step) / max(scalars["steps_per_sec"], 1e-9)
     width = len(str(self.total_steps))
     shown = [f"step {step:>{width}}/{self.total_steps}"]
     shown += [f"{label} {fmt.format(scalars[key])}" for key, label, fmt in self.shown
               if key in scalars]
-    shown.append(f"{scalars['steps_per_sec']:.2f} steps/s | ETA {_duration(eta)}")
+    if timed:
+      eta = (self.total_steps - step) / max(scalars["steps_per_sec"], 1e-9)
+      shown.append(f"{scalars['steps_per_sec']:.2f} steps/s | ETA {_duration(eta)}")
+    else:
+      shown.append("ETA after the first step (compiling)")
     self.print(" | ".join(shown))
     self._pending.clear()
     self._last_time, self._last_step = now, step
