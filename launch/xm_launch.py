@@ -2,7 +2,7 @@
 
   python launch/xm_launch.py --accelerator=v5p-256 --num_slices=2 \\
       --project=my-project --zone=us-east5-a --run_dir=gs://my-bucket/runs/x \\
-      --gin_file=gin/experiments/quickstart.gin \\
+      --gin_file=gin/experiments/lm_quickstart.gin \\
       --gin.train.dcn_parallelism="{'replica': 2}" --gin.NUM_STEPS=20000 \\
       --dry_run
 
@@ -19,7 +19,13 @@ so gin quoting survives byte for byte (--gin.RUN_DIR="'gs://b/run 1'",
 --gin.ModelConfig.attention_pattern='("local", "global")',
 --gin.train.model_config=@ModelConfig()). --run_dir=PATH adds
 --gin.RUN_DIR=<PATH as a gin string>. Bindings are syntax-checked with gin's
-parser before anything is built.
+parser, then the configuration is resolved exactly as the binary resolves it
+(`python -m posttrain_jax.main ARGS --check_config` in --source, on this
+machine's CPU): an unknown configurable or parameter, an ill-typed value, a
+missing required setting or a binding the job never reads stops the launch (and
+--dry_run) with the binary's own one line, before anything is built.
+--skip_config_check skips that (e.g. when the project is not installed here);
+with a prebuilt --image it is skipped (the image's code may differ).
 
 Platforms (--platform):
   tpu_vm (default)  xmanager builds and pushes the image; a queued resource
@@ -264,6 +270,36 @@ def vertex_blockers(job, tpu: TpuSlice, num_slices: int) -> list[str]:
   return reasons
 
 
+ERROR_PREFIX = "posttrain_jax: error: "
+
+
+def run_check_config(binary_args: Sequence[str], source: str) -> tuple[int, str]:
+  """(exit status, stderr) of `python -m posttrain_jax.main ARGS --check_config`
+  in `source`: the binary's own resolution, on CPU, without jax.distributed."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("POSTTRAIN_JAX_")}
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-m", BINARY_MODULE, *binary_args, "--check_config"],
+                        cwd=source, env=env, capture_output=True, text=True, timeout=600)
+  return proc.returncode, proc.stderr
+
+
+def check_configuration(binary_args: Sequence[str], source: str) -> None:
+  """Raises LaunchError with the binary's one-line error when it would refuse
+  this configuration (module docstring)."""
+  code, stderr = run_check_config(binary_args, source)
+  if code == 0:
+    return
+  errors = [l[len(ERROR_PREFIX):] for l in stderr.splitlines() if l.startswith(ERROR_PREFIX)]
+  if errors:
+    raise LaunchError(f"the binary refuses this configuration: {errors[-1]}")
+  last = (stderr.strip().splitlines() or [f"exit status {code}"])[-1]
+  if "ModuleNotFoundError" in last or "ImportError" in last:
+    raise LaunchError(f"cannot resolve the configuration here ({last}): install the "
+                      "project (pip install -e .) or pass --skip_config_check.")
+  raise LaunchError(f"resolving the configuration failed (exit status {code}): {last}")
+
+
 def make_plan(opts: argparse.Namespace, binary_args: list[str],
               executable=None) -> Plan:
   """Builds the packageable, job group and JSON spec (no cloud call).
@@ -287,6 +323,8 @@ def make_plan(opts: argparse.Namespace, binary_args: list[str],
   if not any(a.startswith("--gin_file=") for a in binary_args):
     raise LaunchError("no --gin_file given; e.g. "
                       "--gin_file=gin/experiments/quickstart.gin.")
+  if not opts.image and not opts.skip_config_check:
+    check_configuration(binary_args, opts.source)
   if opts.elastic:
     xm_elastic.check(opts.num_slices, tpu.hosts, tpu.accelerator_type, opts.platform,
                      binary_args)
@@ -500,6 +538,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                  help="extra NAME=VALUE for the jobs' environment (repeatable)")
   p.add_argument("--dry_run", action="store_true",
                  help="print the job specification as JSON; no cloud call")
+  p.add_argument("--skip_config_check", action="store_true",
+                 help="do not resolve the configuration with the binary first")
   opts = p.parse_args(own)
   opts.source = os.path.abspath(opts.source)
   if opts.image and opts.dockerfile:

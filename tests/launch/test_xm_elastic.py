@@ -12,7 +12,8 @@ import pytest
 from posttrain_jax import cli, main
 from posttrain_jax.diloco import streaming_diloco as sd
 
-from test_xm_launch import REPO, xm_launch  # pylint: disable=g-bad-import-order
+from test_xm_launch import (REPO, config_check_in_process,  # pylint: disable=g-bad-import-order,unused-import
+                            xm_launch)
 
 GIN = "--gin_file=gin/experiments/elastic_diloco/lm.gin"
 BASE = ("--project=my-proj", "--zone=us-west4-a", "--name=el", "--elastic",

@@ -24,6 +24,33 @@ def _load():
 
 
 xm_launch = _load()
+_RUN_CHECK_CONFIG = xm_launch.run_check_config  # the real one: a subprocess of the binary
+
+
+def check_config_in_process(binary_args, source):
+  """run_check_config without the process boundary (a binary start per dry run
+  would cost seconds each): the binary's main() with --check_config, here."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from posttrain_jax import main as binary  # pylint: disable=g-import-not-at-top
+  err, cwd = io.StringIO(), os.getcwd()
+  gin.clear_config()
+  os.chdir(source)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+      try:
+        return binary.main([*binary_args, "--check_config"]), err.getvalue()
+      except cli.ConfigError as e:
+        return 2, err.getvalue() + f"posttrain_jax: error: {e}\n"
+  finally:
+    os.chdir(cwd)
+    gin.clear_config()
+
+
+@pytest.fixture(autouse=True)
+def config_check_in_process(monkeypatch):
+  monkeypatch.setattr(xm_launch, "run_check_config", check_config_in_process)
 
 # Gin values as a shell user types them, after the shell has removed its own
 # quotes: each must reach the container unchanged.
@@ -43,12 +70,12 @@ def _dry_run(capsys, *args, base=("--project=my-proj", "--zone=us-east5-a",
 
 
 def test_multislice_spec_carries_accelerator_slices_and_gin_args(capsys):
-  user_args = ["--gin_file=gin/experiments/quickstart.gin", TUPLE, REFERENCE,
+  user_args = ["--gin_file=gin/experiments/lm_quickstart.gin", TUPLE, REFERENCE,
                DICT, "--gin_file", "models/gemma2_tiny.gin", RUN_DIR,
                "--gin.NUM_STEPS=20"]
   spec, _ = _dry_run(capsys, "--accelerator=v5p-256", "--num_slices=2",
                      *user_args)
-  expected_args = ["--gin_file=gin/experiments/quickstart.gin", TUPLE, REFERENCE,
+  expected_args = ["--gin_file=gin/experiments/lm_quickstart.gin", TUPLE, REFERENCE,
                    DICT, "--gin_file=models/gemma2_tiny.gin", RUN_DIR,
                    "--gin.NUM_STEPS=20"]
   acc = spec["accelerator"]
@@ -73,7 +100,7 @@ def test_multislice_spec_carries_accelerator_slices_and_gin_args(capsys):
 
   # The binary's own flag parser sees the same files and bindings.
   flags = cli.parse_flags(expected_args)
-  assert flags.gin_files == ["gin/experiments/quickstart.gin", "models/gemma2_tiny.gin"]
+  assert flags.gin_files == ["gin/experiments/lm_quickstart.gin", "models/gemma2_tiny.gin"]
   assert flags.bindings == [
       'ModelConfig.attention_pattern = ("local", "global")',
       "train.model_config = @ModelConfig()",
@@ -97,9 +124,9 @@ def test_run_dir_becomes_a_gin_string_that_parses_back(capsys):
   from gin import config as gin_config  # pylint: disable=g-import-not-at-top
   from gin import config_parser  # pylint: disable=g-import-not-at-top
   spec, _ = _dry_run(capsys, "--accelerator=v5p-8", f"--run_dir={NASTY}",
-                     "--gin_file=gin/experiments/quickstart.gin")
+                     "--gin_file=gin/experiments/lm_quickstart.gin")
   args = spec["job_group"]["slice_0"]["args"]
-  assert args[0] == "--gin_file=gin/experiments/quickstart.gin"
+  assert args[0] == "--gin_file=gin/experiments/lm_quickstart.gin"
   [binding] = cli.parse_flags(args).bindings
   [statement] = config_parser.ConfigParser(
       binding, gin_config.ParserDelegate(skip_unknown=True))
@@ -115,7 +142,7 @@ def test_run_dir_becomes_a_gin_string_that_parses_back(capsys):
 def test_cli_dry_run_from_another_directory(tmp_path):
   args = [sys.executable, SCRIPT, "--accelerator=v4-32", "--num_slices=3",
           "--project=p", "--zone=z", "--name=cli-test", "--image=us-docker.pkg.dev/p/r/img:1",
-          "--gin_file=gin/experiments/quickstart.gin", RUN_DIR, TUPLE, REFERENCE,
+          "--gin_file=gin/experiments/lm_quickstart.gin", RUN_DIR, TUPLE, REFERENCE,
           "--env=EXTRA=a b", "--dry_run"]
   proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True,
                         timeout=60)
@@ -126,7 +153,7 @@ def test_cli_dry_run_from_another_directory(tmp_path):
   assert spec["accelerator"]["hosts"] == 4
   assert len(spec["job_group"]) == 3
   job = spec["job_group"]["slice_2"]
-  assert job["args"] == ["--gin_file=gin/experiments/quickstart.gin", RUN_DIR,
+  assert job["args"] == ["--gin_file=gin/experiments/lm_quickstart.gin", RUN_DIR,
                          TUPLE, REFERENCE]
   assert job["env_vars"]["EXTRA"] == "a b"
   assert job["env_vars"]["POSTTRAIN_JAX_NUM_PROCESSES"] == "12"
@@ -138,18 +165,18 @@ def test_cli_dry_run_from_another_directory(tmp_path):
 def test_vertex_places_single_host_v3_and_refuses_what_it_cannot(capsys):
   spec, _ = _dry_run(capsys, "--accelerator=v3-8", "--platform=vertex",
                      "--image_tag=gcr.io/p/img:t", RUN_DIR,
-                     "--gin_file=gin/experiments/quickstart.gin",
+                     "--gin_file=gin/experiments/lm_quickstart.gin",
                      base=("--name=v3",))
   [pool] = spec["vertex"]["worker_pools"]
   assert pool["machine_spec"] == {"accelerator_type": "TPU_V3",
                                   "accelerator_count": 8,
                                   "machine_type": "cloud-tpu"}
-  assert pool["args"] == [RUN_DIR, "--gin_file=gin/experiments/quickstart.gin"]
+  assert pool["args"] == [RUN_DIR, "--gin_file=gin/experiments/lm_quickstart.gin"]
   assert spec["job_group"]["slice_0"]["executor"]["type"] == "Vertex"
 
   code = xm_launch.main(["--accelerator=v5p-256", "--num_slices=2",
                          "--platform=vertex", "--image_tag=gcr.io/p/img:t",
-                         "--gin_file=gin/experiments/quickstart.gin"])
+                         "--gin_file=gin/experiments/lm_quickstart.gin"])
   err = capsys.readouterr().err
   assert code == 2
   assert "TPU_V5P" in err and "32 hosts" in err and "num_slices" in err
@@ -169,7 +196,7 @@ def test_vertex_places_single_host_v3_and_refuses_what_it_cannot(capsys):
 ])
 def test_errors_are_one_line_before_any_build(capsys, args, message):
   code = xm_launch.main(["--project=p", "--zone=z", "--name=e",
-                         "--gin_file=gin/experiments/quickstart.gin", *args,
+                         "--gin_file=gin/experiments/lm_quickstart.gin", *args,
                          "--dry_run"])
   out, err = capsys.readouterr()
   assert code == 2 and out == ""
@@ -194,3 +221,39 @@ def test_missing_xmanager_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "xmanager", None)  # import fails
   with pytest.raises(xm_launch.LaunchError, match="pip install"):
     xm_launch.import_xmanager()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("--gin.train.num_stpes=5", "Unknown parameter 'num_stpes' of 'train'"),
+    ("--gin.ModelConfg.embed_dim=64", "Unknown configurable 'ModelConfg'"),
+    ("--gin.NUM_STEPS=2.5", "expected int"),
+])
+def test_dry_run_resolves_the_configuration_as_the_binary_does(capsys, binding, message):
+  # A misspelt parameter used to pass the dry run and fail on the TPUs.
+  code = xm_launch.main(["--project=p", "--zone=z", "--name=e", "--accelerator=v5p-8",
+                         "--gin_file=gin/experiments/lm_quickstart.gin", binding, "--dry_run"])
+  out, err = capsys.readouterr()
+  assert code == 2 and out == ""
+  assert err.startswith("xm_launch: error: the binary refuses this configuration: ")
+  assert message in err and len(err.strip().splitlines()) == 1
+  # --skip_config_check leaves it to the binary.
+  spec, _ = _dry_run(capsys, "--accelerator=v5p-8", "--skip_config_check",
+                     "--gin_file=gin/experiments/lm_quickstart.gin", binding)
+  assert binding in spec["job_group"]["slice_0"]["args"]
+
+
+def test_dry_run_refuses_a_binding_the_job_never_reads(capsys):
+  code = xm_launch.main(["--project=p", "--zone=z", "--name=e", "--accelerator=v5p-8",
+                         "--gin_file=gin/experiments/quickstart.gin", "--gin.NUM_STEPS=2000",
+                         "--dry_run"])
+  assert code == 2
+  assert "job 'distillation_demo' does not read NUM_STEPS (command line)" in \
+      capsys.readouterr().err
+
+
+def test_the_check_runs_the_binary_itself(monkeypatch):
+  monkeypatch.setattr(xm_launch, "run_check_config", _RUN_CHECK_CONFIG)
+  with pytest.raises(xm_launch.LaunchError, match=r"^the binary refuses this configuration: "
+                     r"Unknown parameter 'num_stpes' of 'train'.*Did you mean: num_steps"):
+    xm_launch.check_configuration(["--gin_file=gin/experiments/lm_quickstart.gin",
+                                   "--gin.train.num_stpes=5"], REPO)
