@@ -42,3 +42,14 @@ def pytest_xdist_auto_num_workers(config):
   models, hence the cap. `-n 0` runs in one process (e.g. to debug a test)."""
   del config
   return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """AutoGraph's generated files (posttrain_jax/data/_tf.py): each process
+  removes its own directory at exit; those of the subprocesses the tests
+  killed are removed here."""
+  del session, exitstatus
+  import sys  # pylint: disable=g-import-not-at-top
+  tf_module = sys.modules.get("posttrain_jax.data._tf")
+  if tf_module is not None:
+    tf_module.clean_stale_autograph_dirs()
