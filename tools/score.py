@@ -101,8 +101,11 @@ def score_rows(fn, records, sides, length: int, batch_size: int):
 def main(argv) -> int:
   args = parse_args(argv)
   if not is_reward_model(args.reward_model):
+    exported = os.path.join(args.reward_model, "reward_model")
+    hint = (f" It is a reward-model training run: pass --reward_model {exported}"
+            if is_reward_model(exported) else "")
     raise cli.ConfigError(f"--reward_model {args.reward_model} is not a reward model "
-                          "directory (no reward_model.json).")
+                          f"directory (no reward_model.json).{hint}")
   kind, records = read_records(args.input)
   sides = ("chosen", "rejected") if kind == "pairs" else ("response",)
   length = args.sequence_length or max(len(r["prompt"]) + len(r[s])

@@ -82,3 +82,19 @@ def test_samples_and_bad_input(reward_dir, tmp_path):
   assert proc.returncode == 2 and "expected a pair" in proc.stderr
   proc = run_tool("--reward_model", str(tmp_path), "--input", str(path))
   assert proc.returncode == 2 and "not a reward model directory" in proc.stderr
+
+
+def test_a_reward_model_run_directory_points_to_its_export(reward_dir, tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from posttrain_jax import cli  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"  # as train_reward_model writes it: RUN/reward_model
+  run.mkdir()
+  os.symlink(reward_dir[0], run / "reward_model")
+  spec = importlib.util.spec_from_file_location("score_tool", os.path.join(REPO, "tools",
+                                                                           "score.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  with pytest.raises(cli.ConfigError, match=(
+      rf"is not a reward model directory \(no reward_model.json\)\. It is a reward-model "
+      rf"training run: pass --reward_model {run}/reward_model$")):
+    tool.main(["--reward_model", str(run), "--input", str(tmp_path / "x.jsonl")])
