@@ -7,7 +7,7 @@ Reads the HLO text of a compiled program (`compiled.as_text()`):
   pieces that share a channel_id (async collective fusions: start,
   continuations, done), so a channel counts once. A collective inside a
   while loop (a scanned layer stack, microbatches) counts once per iteration
-  (the loop's known_trip_count). Its replica groups ({{0,1},{2,3}}, iota
+  (the loop's known_trip_count, else N of its condition i < N). Its replica groups ({{0,1},{2,3}}, iota
   [2,2]<=[4], mesh['a'=2,'b'=2] {'b'}) give the group size n and, where the
   program spans several slices, the slices a group touches
   (device.slice_index of the program's device assignment): groups inside one
@@ -164,6 +164,17 @@ def _transposed_iota(dims: list[int], perm: list[int]) -> list[int]:
           for idx in itertools.product(*[range(d) for d in out_dims])]
 
 
+def _condition_trips(lines: list[str]) -> int:
+  """Trips of a while loop from its condition `i < N` (i from 0: lax.scan and
+  fori_loop); 1 when the condition has another form."""
+  consts = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(lines)))
+  for line in lines:
+    m = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
+    if m and m.group(1) in consts:
+      return int(consts[m.group(1)])
+  return 1
+
+
 def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
   """Executions of each computation per run of the entry (while bodies x trips)."""
   edges = collections.defaultdict(list)
@@ -172,7 +183,9 @@ def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
       trips = 1
       if " while(" in line:
         m = re.search(r'known_trip_count"?\s*[:=]\s*\{\s*"?n"?\s*[:=]\s*"?(\d+)', line)
-        trips = int(m.group(1)) if m else 1
+        cond = re.search(r"condition=%([\w.\-]+)", line)
+        trips = int(m.group(1)) if m else _condition_trips(comps.get(cond.group(1), [])
+                                                           if cond else [])
       for m in _CALLS.finditer(line):
         for callee in m.group(2).split(","):
           callee = callee.strip().lstrip("%")

@@ -116,18 +116,22 @@ HLO = """HloModule jit_step, num_partitions=4
 }
 
 %cond (p: (s32[], f32[8])) -> pred[] {
-  %c = pred[] constant(true)
+  %n = s32[]{:T(128)} constant(13)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
   %ar = bf16[4,8]{1,0} all-reduce(bf16[4,8]{1,0} %a), channel_id=1, replica_groups={{0,1},{2,3}}, to_apply=%add
-  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"13"}}
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body
   %s = (u8[1,64,1]{1,2,0}, u32[], token[]) send(%codes, %tok), channel_id=18, is_host_transfer=true, frontend_attributes={_xla_host_transfer_rendezvous="all-gather.67_0",_xla_megascale_transfer_type="ALL_GATHER"}
 }
 """
 
 
 def test_collectives_count_loop_trips_once_per_channel_and_megascale_as_dcn():
+  # the loop's trips from its condition i < 13 (the TPU compiler's while has no
+  # known_trip_count); the two pieces of channel 3 are one all-gather
   s = collectives.parse(HLO, [0, 0, 0, 0, 1, 1, 1, 1])
   by = {(c.link, c.kind): c for c in s.collectives}
   assert set(by) == {("ICI", "all-reduce"), ("ICI", "all-gather"), ("DCN", "all-gather")}
