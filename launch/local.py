@@ -7,7 +7,7 @@ code path (a hybrid mesh over processes) as a multi-slice TPU job.
 
   # the training binary (default command), two "slices" of four devices each
   python launch/local.py --num_processes=2 --devices_per_process=4 \\
-      --gin_file=gin/experiments/quickstart.gin \\
+      --gin_file=gin/experiments/lm_quickstart.gin \\
       --gin.RUN_DIR="'runs/local2'" --gin.train.dcn_parallelism="{'replica': 2}"
 
   # any command after `--`
