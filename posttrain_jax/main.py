@@ -24,7 +24,7 @@ import gin  # pylint: disable=g-import-not-at-top
 
 from posttrain_jax import cli, gin_usage
 from posttrain_jax.core import distributed
-from posttrain_jax.core.checkpointing import CheckpointDamagedError
+from posttrain_jax.core.checkpointing import CheckpointDamagedError, CheckpointSaveError
 from posttrain_jax.core.nonfinite_guard import NonFiniteError
 from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data.dataset_config import DatasetConfig
@@ -151,7 +151,7 @@ def main(argv) -> int:
       raise
     text = cli.strip_gin_context(str(e))
     raise cli.ConfigError(gin_usage.macro_settings(name, text) + text) from e
-  except (NonFiniteError, CheckpointDamagedError) as e:
+  except (NonFiniteError, CheckpointDamagedError, CheckpointSaveError) as e:
     raise cli.RunError(cli.strip_gin_context(str(e))) from e
   return 0
 

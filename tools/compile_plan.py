@@ -143,6 +143,9 @@ def main(argv) -> int:
     except plan_lib.DoesNotFit as e:
       raise ConfigError(f"{e} (more chips, remat, microbatches, bf16 optimizer "
                         "state)") from None
+    except ValueError as e:  # e.g. a batch the mesh's batch axes do not divide
+      raise ConfigError(f"{program.name} on {target}, mesh {mesh_shape}: "
+                        f"{str(e).splitlines()[0]}") from e
     plans.append(plan)
     print("\n" + report.table(plan, mesh_shape), flush=True)
     if args.json:

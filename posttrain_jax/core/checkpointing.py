@@ -12,21 +12,42 @@ restore that cannot read a step or whose arrays do not match their checksums
 raises CheckpointDamagedError. `Checkpointer.restore_latest` then warns, moves
 the damaged step aside (never deletes it) and resumes from the newest intact
 step.
+
+Each process has its own data position (its shard of the input): a save
+all-gathers every process's `data_state` and the DATA item keeps them all, by
+process index; a restore gives each process its own. A checkpoint written by N
+processes resumes only with N processes (CheckpointMismatchError otherwise);
+one from before per-process positions (a single position) is given to every
+process.
+
+A failed save (a full disk, a lost file system) stops the run: the failure of
+an asynchronous save is looked for at every step (`check`, which `StepLoop`
+calls) and before the next save, and raised as one CheckpointSaveError naming
+the step directory and the cause. orbax's own error logs (hundreds of lines of
+tracebacks) and tensorstore's reports of the writes orbax stopped waiting for
+are held back, unless POSTTRAIN_JAX_TRACEBACK is set. The failed step is never
+finalized and the older steps are not pruned: the newest complete checkpoint
+stays intact.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import sys
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
 CHECKSUMS = "_state_checksums"  # key of the array checksums in the DATA item
+PER_PROCESS = "_per_process"  # key of the processes' data states (a list, by process index)
 
 
 class CheckpointMismatchError(ValueError):
@@ -69,6 +90,72 @@ def check_compatible(saved_tree, abstract_tree, where: str, *,
 
 class CheckpointDamagedError(RuntimeError):
   """A checkpoint's files are missing, unreadable or do not match their checksums."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (e.g. no space left); the run stops."""
+
+
+def _cause(e: BaseException) -> str:
+  """'[Errno 28] No space left on device' where an OS error code is known
+  (tensorstore's errors carry it as os_error_code='N'), else the first line."""
+  code = e.errno if isinstance(e, OSError) else None
+  if not code:
+    found = re.search(r"os_error_code='?(\d+)", str(e))
+    code = int(found.group(1)) if found else None
+  return f"[Errno {code}] {os.strerror(code)}" if code else _first_line(e)
+
+
+class _OrbaxErrorFilter(logging.Filter):
+  """Drops orbax's error records (a failed save logs a traceback per array and
+  thread, and asyncio one per write task it left unfinished); the Checkpointer
+  raises one CheckpointSaveError instead."""
+
+  LOGGERS = ("absl", "asyncio")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    files = [record.pathname or "", record.getMessage()]
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+      files.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    return not any(orbax in f for f in files)
+
+
+def _quiet_orphaned_writes() -> None:
+  """Installs (once) a sys.unraisablehook that drops 'Event loop is closed'.
+
+  When one array write of an asynchronous save fails, orbax stops awaiting the
+  others and closes its event loop; as each of them then fails too (the disk
+  is still full), tensorstore reports that its callback found the loop closed,
+  a traceback apiece. Nothing waits for those writes any more.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_orphaned_writes", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_orphaned_writes = True
+  sys.unraisablehook = hook
+
+
+def _gather_data_states(data_state: dict) -> list[dict]:
+  """Every process's `data_state` (a collective when there are several), by index."""
+  if jax.process_count() == 1:
+    return [data_state]
+  blob = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size]))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(blobs[i, :int(n)])) for i, n in enumerate(sizes)]
 
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
@@ -121,12 +208,22 @@ class Checkpointer:
   Each save also records a checksum of every array (`checksums`) in the step's
   JSON item; `restore` verifies them, so a damaged file is reported as damage
   rather than restored as garbage. `restore_latest` falls back from damaged
-  steps to the newest intact one.
+  steps to the newest intact one. `save` (a collective in a multi-process run)
+  keeps every process's data state; `check`, `save`, `wait` and `close` raise
+  CheckpointSaveError once a save has failed.
   """
 
   def __init__(self, directory: str, *, save_every_steps: int = 1000,
                max_to_keep: int | None = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._pending = None  # step of the save in flight (not yet seen to succeed)
+    self._failed: CheckpointSaveError | None = None
+    self._filter = None
+    if not os.environ.get("POSTTRAIN_JAX_TRACEBACK"):
+      self._filter = _OrbaxErrorFilter()
+      for name in _OrbaxErrorFilter.LOGGERS:
+        logging.getLogger(name).addFilter(self._filter)
+      _quiet_orphaned_writes()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every_steps, max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True)
@@ -143,13 +240,62 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None = None,
            force: bool = False) -> bool:
-    """Starts an (async) save if `step` is due (or `force`); returns whether it did."""
+    """Starts an (async) save if `step` is due (or `force`); returns whether it did.
+
+    Raises CheckpointSaveError if this save or an earlier one failed.
+    """
+    self.check()
     if not force and not self._manager.should_save(step):
       return False
-    data = {**(data_state or {}), CHECKSUMS: checksums(state)}
+    if self._pending is not None:  # orbax would wait for it, and raise its error
+      self._finish_pending()
+    data = {PER_PROCESS: _gather_data_states(data_state or {}), CHECKSUMS: checksums(state)}
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                  DATA: ocp.args.JsonSave(data)})
-    return self._manager.save(step, args=args, force=force)
+    try:
+      saved = self._manager.save(step, args=args, force=force)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore/orbax raise many kinds
+      raise self._save_failed(step, e) from e
+    if saved:
+      self._pending = step
+      if not self._manager.is_saving_in_progress():  # a synchronous save: done
+        self._finish_pending()
+    return saved
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if a save has failed; returns at once while
+    one is still being written."""
+    if self._failed is not None:
+      raise self._failed
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from e
+    if not os.path.isdir(os.path.join(self.directory, str(step))):
+      raise self._save_failed(step, None)
+
+  def _save_failed(self, step: int, error: Exception | None) -> CheckpointSaveError:
+    cause = _cause(error) if error is not None else "it was not finalized (see orbax's log)"
+    intact = [s for s in self._finalized_steps() if s != step]
+    kept = (f"the newest complete checkpoint, step {max(intact)}, is intact" if intact
+            else "there is no earlier checkpoint")
+    self._failed = CheckpointSaveError(
+        f"Saving checkpoint {os.path.join(self.directory, str(step))} failed: {cause}. "
+        f"Training stopped; {kept}. Fix: free space (or fix the cause) on that file "
+        "system and run the same command to resume.")
+    return self._failed
+
+  def _finalized_steps(self) -> list[int]:
+    try:
+      return [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    except OSError:
+      return []
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs).
@@ -174,6 +320,7 @@ class Checkpointer:
       raise CheckpointDamagedError(f"reading it failed: {_first_line(e)}") from e
     data = dict(restored[DATA] or {})
     expected = data.pop(CHECKSUMS, None)
+    data = self._own_data_state(step_dir, data)
     if expected is not None:  # checkpoints written before checksums have none
       actual = checksums(restored[STATE])
       bad = sorted(k for k in expected if actual.get(k) != expected[k])
@@ -228,12 +375,44 @@ class Checkpointer:
     self._manager.reload()
     return target
 
+  @staticmethod
+  def _own_data_state(step_dir: str, data: dict) -> dict:
+    """This process's entry of the saved data states (see the module docstring)."""
+    if PER_PROCESS not in data:  # a checkpoint from before per-process positions
+      return data
+    states, count = data[PER_PROCESS], jax.process_count()
+    if len(states) != count:
+      raise CheckpointMismatchError(
+          f"Checkpoint {step_dir} was written by {len(states)} process(es), this run "
+          f"has {count}: each process's data position is saved, and they cannot be "
+          f"split or merged. Fix: resume with {len(states)} process(es) (the same "
+          "launch shape), or start in a fresh run directory.")
+    return dict(states[jax.process_index()])
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+    self.check()
+    if self._pending is not None:
+      self._finish_pending()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight (raising CheckpointSaveError if it failed)
+    and closes. After a failure already raised, closes without raising again
+    (and keeps orbax's errors held back: its abandoned writes report at exit)."""
+    try:
+      if self._failed is None:
+        self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if self._failed is None:
+          raise
+      finally:
+        if self._filter is not None and self._failed is None:
+          for name in _OrbaxErrorFilter.LOGGERS:
+            logging.getLogger(name).removeFilter(self._filter)
+          self._filter = None
 
 
 def _first_line(e: Exception) -> str:
