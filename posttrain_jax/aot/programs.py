@@ -31,6 +31,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -185,7 +186,7 @@ def _sampler_program(cfg: ModelConfig, mesh, prompts, max_new_tokens: int, name:
   # pylint: disable=protected-access  # the sampler's own jitted generate
   sampler = Sampler(cfg, SamplingConfig(max_new_tokens=max_new_tokens,
                                         temperature=temperature), mesh)
-  params = params_checkpoint_abstract(sampler.model, sampler.param_shardings)
+  params = abstract_params(sampler.model, sampler.param_shardings)
   batch = partitioning.batch_sharding(mesh)
   rows, p = prompts.batch_size, prompts.prompt_length
   lengths = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch.spec[0]))
@@ -197,11 +198,10 @@ def _sampler_program(cfg: ModelConfig, mesh, prompts, max_new_tokens: int, name:
                  forward_flops(cfg, rows, total), rows * total)
 
 
-def params_checkpoint_abstract(model, shardings):
+def abstract_params(model, shardings):
   """Abstract params of `model` placed by `shardings`."""
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       nn.unbox(abstract), shardings)
 

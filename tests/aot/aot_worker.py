@@ -22,7 +22,6 @@ topology.quiet_libtpu()
 
 import functools
 
-import jax
 import numpy as np
 
 from posttrain_jax.aot import diloco_audit, plan, programs, report
