@@ -279,6 +279,7 @@ class Sampler:
         mesh, rules)
     batch = partitioning.batch_sharding(mesh, rules)
     lengths = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch.spec[0]))
+    self._prompt_shardings = (batch, lengths)
     self._generate = jax.jit(
         functools.partial(generate, self.model, config=config),
         in_shardings=(self.param_shardings, batch, lengths, None))
@@ -294,5 +295,8 @@ class Sampler:
           f"Prompt length {tokens.shape[1]} + max_new_tokens {self.config.max_new_tokens}"
           f" = {total} exceeds the cache length {self.max_cache_length}; shorten the "
           "prompt or raise max_cache_length.")
+    if jax.process_count() > 1:  # the same host prompts on every process: global arrays
+      tokens, lengths = (jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i])
+                         for x, sharding in zip((tokens, lengths), self._prompt_shardings))
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._generate(params, tokens, lengths, rng)
