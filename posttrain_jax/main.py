@@ -74,6 +74,8 @@ def register_configurables():
   cli.register(importlib.import_module("posttrain_jax.data.generated").register_tfds_text_task,
                name="tfds_text_task")
   cli.register(PromptConfig)
+  cli.register(importlib.import_module("posttrain_jax.data.chat").sft_task, name="sft_task")
+  cli.register(_job_function("posttrain_jax.models.lora:LoraConfig"))
   for algorithm in ("reinforce:Reinforce", "rloo:RLOO", "grpo:GRPO", "bond:BOND", "bond:JBOND"):
     cli.register(_job_function("posttrain_jax.rl." + algorithm))
   cli.register(_job_function("posttrain_jax.rl.clp:CLPConfig"))

@@ -35,7 +35,9 @@ from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.diloco import loop as diloco_loop
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.models import ModelConfig, Transformer
+from posttrain_jax.models import lora_training
 from posttrain_jax.models import params_checkpoint
+from posttrain_jax.models.lora import LoraConfig
 
 
 @dataclasses.dataclass
@@ -73,9 +75,27 @@ def _process_shard(cfg: DatasetConfig) -> tuple[int, int, int]:
   return cfg.batch_size // count, jax.process_index(), count
 
 
+def _sft_task(cfg: DatasetConfig) -> bool:
+  """Whether cfg reads an SFT (chat) task: role loss weights, no inputs_length."""
+  from posttrain_jax.data import sft_pipeline  # TF lives in data/
+  if not sft_pipeline.is_sft_task(cfg.task_name):
+    return False
+  if cfg.inputs_length is not None:
+    raise ValueError(f"inputs_length={cfg.inputs_length} is for prefix-LM tasks; SFT task "
+                     f"{cfg.task_name!r} weights the model's turns itself. Fix: drop "
+                     "DatasetConfig.inputs_length.")
+  return True
+
+
 def _train_iterator(cfg: DatasetConfig):
   from posttrain_jax.data.pipeline import LMBatchIterator  # TF lives in data/
+  from posttrain_jax.data.sft_pipeline import SFTBatchIterator
   batch, index, count = _process_shard(cfg)
+  if _sft_task(cfg):
+    return SFTBatchIterator(task_name=cfg.task_name, split=cfg.split,
+                            sequence_length=cfg.sequence_length, batch_size=batch,
+                            shuffle=cfg.shuffle, seed=cfg.seed, pack=cfg.pack,
+                            num_epochs=cfg.num_epochs, shard_index=index, num_shards=count)
   return LMBatchIterator(task_name=cfg.task_name, split=cfg.split,
                          sequence_length=cfg.sequence_length, batch_size=batch,
                          shuffle=cfg.shuffle, seed=cfg.seed, pack=cfg.pack,
@@ -85,7 +105,13 @@ def _train_iterator(cfg: DatasetConfig):
 
 def _eval_batches(cfg: DatasetConfig, max_batches: int | None):
   from posttrain_jax.data.pipeline import eval_batches
+  from posttrain_jax.data.sft_pipeline import sft_eval_batches
   batch, index, count = _process_shard(cfg)
+  if _sft_task(cfg):
+    return sft_eval_batches(task_name=cfg.task_name, split=cfg.split,
+                            sequence_length=cfg.sequence_length, batch_size=batch,
+                            max_batches=max_batches, pack=cfg.pack, shard_index=index,
+                            num_shards=count)
   return list(eval_batches(task_name=cfg.task_name, split=cfg.split,
                            sequence_length=cfg.sequence_length, batch_size=batch,
                            max_batches=max_batches, pack=cfg.pack,
@@ -121,7 +147,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
           profile_steps: tuple[int, int] | None = None,
           diloco: DiLoCoConfig | None = None,
           loss_chunk_size: int | None = None,
-          condition_dropout: float = 0.0) -> TrainResult:
+          condition_dropout: float = 0.0,
+          lora: LoraConfig | None = None) -> TrainResult:
   """Trains a decoder LM for `num_steps` optimizer steps.
 
   Args:
@@ -159,6 +186,10 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
       (data.condition_dropout; unpacked rows), so the model also learns the
       unconditional branch of classifier-free guidance; rows drawn from
       (seed, step).
+    lora: train low-rank adapters only (models/lora.py, lora_training): the
+      base is initial_checkpoint's params (or the seed's random init), frozen
+      and held once; checkpoints hold the adapters, run_dir/lora.json the
+      settings and the base's path. Evaluation uses base + adapters.
 
   SIGTERM (preemption) saves a checkpoint at the next step boundary and returns
   with TrainResult.preempted set; the next start resumes from it.
@@ -166,12 +197,29 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   if loss_chunk_size is not None and diloco is not None:
     raise ValueError("train: loss_chunk_size is not supported with diloco yet; "
                      "unset train.loss_chunk_size or train.diloco.")
+  if lora is not None and diloco is not None:
+    raise ValueError("train: lora is not supported with diloco; unset train.lora or "
+                     "train.diloco.")
+  lora_info = None
+  if lora is not None:
+    lora_info = lora_training.run_info(lora, initial_checkpoint, seed,
+                                       lora_training.check_targets(model_config, lora))
+    lora_training.check_run_info(run_dir, lora_info)
   guard = NonFiniteGuard(nonfinite_policy, max_consecutive_nonfinite)
+  data = _train_iterator(train_data)  # bad data fails before run_dir is written
+  if eval_data is not None and _sft_task(eval_data):
+    from posttrain_jax.data import sft_pipeline
+    sft_pipeline.check(eval_data.task_name, eval_data.split, eval_data.sequence_length)
   profiler = StepProfiler(os.path.join(run_dir, "profile"), profile_steps)
   os.makedirs(run_dir, exist_ok=True)
   mesh = partitioning.create_mesh(ici_parallelism or {"data": -1}, dcn_parallelism)
   schedule, tx = optimizer.build(num_steps)
-  if diloco is None:
+  if lora is not None:
+    trainer = lora_training.LoraTrainer(model_config, lora, tx, schedule, mesh,
+                                        num_microbatches=num_microbatches, z_loss=z_loss,
+                                        loss_chunk_size=loss_chunk_size, seed=seed)
+    eval_params = lambda s: s.params
+  elif diloco is None:
     trainer = Trainer(Transformer(model_config), tx, schedule, mesh,
                       num_microbatches=num_microbatches, z_loss=z_loss,
                       loss_chunk_size=loss_chunk_size)
@@ -185,17 +233,19 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
                               save_every_steps=checkpoint_every,
                               max_to_keep=keep_checkpoints,
                               async_save=async_checkpointing)
-  data = _train_iterator(train_data)
-  resumed_from, state, data_state = checkpointer.restore_latest(trainer.abstract_state)
   initialised_from = None
+  if lora is not None:  # the frozen base, also when resuming (checkpoints hold adapters)
+    initialised_from = trainer.load_base(initial_checkpoint, seed)
+    lora_training.write_run_info(run_dir, lora_info)
+  resumed_from, state, data_state = checkpointer.restore_latest(trainer.abstract_state)
   if resumed_from is not None:
     if "train" in data_state:
       data.set_state(data_state["train"])
     origin = f"resumed from step {resumed_from}"
-    if initial_checkpoint:
+    if initial_checkpoint and lora is None:
       origin += (f" of the run's own checkpoint (it wins over initial_checkpoint "
                  f"{initial_checkpoint}, which is ignored)")
-  elif initial_checkpoint:
+  elif initial_checkpoint and lora is None:
     state = (state_from_initial_checkpoint(trainer, model_config, initial_checkpoint)
              if diloco is None else
              trainer.state_from_initial_checkpoint(model_config, initial_checkpoint))
@@ -205,6 +255,10 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   else:
     state = trainer.init_state(jax.random.key(seed))
     origin = "initialised"
+  if lora is not None:
+    if initialised_from and resumed_from is None:
+      _copy_hf_metadata(initialised_from, run_dir)
+    origin += f" | {trainer.summary()} | base {initialised_from or f'random init (seed {seed})'}"
   start = int(jax.device_get(state.step))
   if diloco is not None:
     trainer.start(start)
@@ -217,6 +271,8 @@ def train(*, model_config: ModelConfig, run_dir: str, train_data: DatasetConfig,
   params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eval_params(state)))
   reporter.print(f"{origin} | {params_count:,} params | mesh {dict(mesh.shape)} | "
                  f"run_dir {run_dir}")
+  if getattr(data, "summary", None):
+    reporter.print(data.summary)
 
   eval_set = (_eval_batches(eval_data, eval_batches)
               if eval_data is not None and (eval_every or num_steps > start) else None)

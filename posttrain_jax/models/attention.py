@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from posttrain_jax.models import lora as lora_lib
 from posttrain_jax.models import softcap_attention
 from posttrain_jax.models.config import ModelConfig
 from posttrain_jax.models.layers import apply_rope, soft_cap, token_dense
@@ -329,6 +330,7 @@ class Attention(nn.Module):
 
   config: ModelConfig
   attention_type: str  # "local" or "global"
+  lora: lora_lib.LoraConfig | None = None  # adapters used where present (models/lora.py)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
@@ -350,9 +352,11 @@ class Attention(nn.Module):
     w_o = proj("o", (h, hd, d), ("heads", "kv", "embed"), (0, 1), 2)
 
     row_major = cfg.row_major_gradients
-    q = token_dense(x, w_q, row_major_grads=row_major)
-    key = token_dense(x, w_k, row_major_grads=row_major)
-    value = token_dense(x, w_v, row_major_grads=row_major)
+    adapted = lambda y, name, h, in_dims=1: lora_lib.apply_delta(y, lora_lib.delta(
+        self, name, h, in_dims, self.lora, dtype, row_major))
+    q = adapted(token_dense(x, w_q, row_major_grads=row_major), "q", x)
+    key = adapted(token_dense(x, w_k, row_major_grads=row_major), "k", x)
+    value = adapted(token_dense(x, w_v, row_major_grads=row_major), "v", x)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
@@ -390,7 +394,7 @@ class Attention(nn.Module):
           q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype), q_index,
           k_index, segment_ids, k_segment_ids, window, cfg.attn_logits_soft_cap)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    out = token_dense(out, w_o, in_dims=2, row_major_grads=row_major)
+    out = adapted(token_dense(out, w_o, in_dims=2, row_major_grads=row_major), "o", out, 2)
     return out if cache is None else (out, new_cache)
 
   def _kernel_attention(self, q, key, value, segment_ids, window, length):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from posttrain_jax.models.attention import Attention, CacheInfo, init_kv_cache
 from posttrain_jax.models.config import ModelConfig
+from posttrain_jax.models.lora import LoraConfig
 from posttrain_jax.models.layers import Embedder, FeedForward, RMSNorm, soft_cap
 
 Array = jax.Array
@@ -34,6 +35,7 @@ class Block(nn.Module):
 
   config: ModelConfig
   attention_type: str
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array | None,
@@ -41,14 +43,14 @@ class Block(nn.Module):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name=name)
     h = norm("pre_attention_norm")(x)
-    h = Attention(cfg, self.attention_type, name="attn")(h, positions, segment_ids,
-                                                         cache, cache_info)
+    h = Attention(cfg, self.attention_type, self.lora, name="attn")(
+        h, positions, segment_ids, cache, cache_info)
     if cache is not None:
       h, cache = h
     x = x + norm("post_attention_norm")(h)
     h = norm("pre_ffw_norm")(x)
     h = FeedForward(cfg.embed_dim, cfg.mlp_dim, cfg.compute_dtype, cfg.weight_dtype,
-                    cfg.row_major_gradients, name="mlp")(h)
+                    cfg.row_major_gradients, self.lora, name="mlp")(h)
     x = x + norm("post_ffw_norm")(h)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x if cache is None else (x, cache)
@@ -58,13 +60,14 @@ class BlockGroup(nn.Module):
   """One period of the attention pattern (e.g. a local + global pair); scan body."""
 
   config: ModelConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache=None, cache_info=None):
     new_cache = None if cache is None else {}
     for i, attention_type in enumerate(self.config.attention_pattern):
       name = f"{attention_type}_{i}"
-      block = _block_cls(self.config)(self.config, attention_type, name=name)
+      block = _block_cls(self.config)(self.config, attention_type, self.lora, name=name)
       if cache is None:
         x = block(x, positions, segment_ids)
       else:
@@ -80,9 +83,14 @@ def _block_cls(config: ModelConfig):
 
 
 class Transformer(nn.Module):
-  """Gemma-2-like decoder returning float32 logits [batch, length, vocab]."""
+  """Gemma-2-like decoder returning float32 logits [batch, length, vocab].
+
+  lora: LoRA settings; the low-rank adapters are used wherever they are in
+  the applied params (models/lora.py), so without them this is the base model.
+  """
 
   config: ModelConfig
+  lora: LoraConfig | None = None
 
   def setup(self):
     cfg = self.config
@@ -96,14 +104,14 @@ class Transformer(nn.Module):
       self.layers = nn.scan(
           group,
           variable_axes={"params": 0},
-          split_rngs={"params": True},
+          split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
           length=cfg.num_layers // len(cfg.attention_pattern),
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg)
+      )(cfg, self.lora)
     else:
       block = _block_cls(cfg)
-      self.blocks = [block(cfg, cfg.attention_type(i), name=f"layer_{i}")
+      self.blocks = [block(cfg, cfg.attention_type(i), self.lora, name=f"layer_{i}")
                      for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from posttrain_jax.models import lora as lora_lib
 from posttrain_jax.models import row_major_matmul
 
 Array = jax.Array
@@ -124,6 +125,7 @@ class FeedForward(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   row_major_grads: bool = False  # token_dense's weight gradients
+  lora: lora_lib.LoraConfig | None = None  # adapters used where present (models/lora.py)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -134,8 +136,10 @@ class FeedForward(nn.Module):
                       (self.embed_dim, self.mlp_dim), self.param_dtype)
     w_down = self.param("down", nn.with_logical_partitioning(init, ("mlp", "embed")),
                         (self.mlp_dim, self.embed_dim), self.param_dtype)
-    gate = token_dense(x, w_gate.astype(self.dtype), row_major_grads=self.row_major_grads)
-    up = token_dense(x, w_up.astype(self.dtype), row_major_grads=self.row_major_grads)
+    dense = lambda h, w, name: lora_lib.apply_delta(
+        token_dense(h, w.astype(self.dtype), row_major_grads=self.row_major_grads),
+        lora_lib.delta(self, name, h, 1, self.lora, self.dtype, self.row_major_grads))
+    gate, up = dense(x, w_gate, "gate"), dense(x, w_up, "up")
     h = jax.nn.gelu(gate, approximate=True) * up
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return token_dense(h, w_down.astype(self.dtype), row_major_grads=self.row_major_grads)
+    return dense(h, w_down, "down")
