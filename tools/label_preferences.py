@@ -5,9 +5,10 @@
       [--split train] [--prompt_length 16] [--max_new_tokens 32] [--batch_size 32]
 
 POLICY_DIR is a model directory or a training run (its newest checkpoint).
-Prompts: posttrain_jax.data.prompts.load_prompts("pydoc_prompts", ...) when
-that module exists, else the first --prompt_length tokens of corpus lines of
-the split (posttrain_jax/data/corpus/pydoc_{split}.txt, lines chosen by
+Prompts: posttrain_jax.data.prompts.load_prompts("pydoc_prompts", ...), the
+first --num_prompts documents of the split in file order, each cut to its
+first --prompt_length tokens (without posttrain_jax.data.prompts, a fallback
+takes corpus lines of posttrain_jax/data/corpus/pydoc_{split}.txt chosen by
 --seed). Each prompt gets two samples (sampling.Sampler, --temperature); the
 one with the higher gold reward (posttrain_jax/rl/gold_reward.py) is "chosen";
 ties are dropped; then exactly round(label_noise * pairs) labels are flipped
