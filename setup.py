@@ -3,7 +3,7 @@
 import setuptools
 
 # The dependency set measured to resolve and import together on Python 3.11
-# (see docs/architecture.md and the project's STACK notes):
+# (the reasons, one per pin below; docs/architecture.md has the module map):
 # - sentencepiece < 0.2.3: newer wheels need protobuf 7, xmanager pins < 7;
 # - tensorboard: TF 2.21 no longer pulls it in, clu's metric writers need it;
 # - tensorflow (not tensorflow-cpu): tensorflow-text requires it;

@@ -5,8 +5,8 @@
       --split train --prompt_length 32 --max_new_tokens 64 --temperature 1.0 \
       --batch_size 64 --seed 0 --overwrite]
 
-The offline-distillation data of ALGORITHMS.md section 1: fixed teacher
-generations. DIR is a model directory (params_checkpoint.save,
+The offline-distillation data of Tiapkin et al. 2025 (arXiv 2502.02671): fixed
+teacher generations, reused every epoch. DIR is a model directory (params_checkpoint.save,
 tools/convert_hf.py) or a training run directory (its newest checkpoint, or
 --step). Prompts are the first P of the prompt task's split (load_prompts, cut
 to --prompt_length tokens); each is repeated G times and sampled with the

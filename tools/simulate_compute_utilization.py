@@ -1,5 +1,6 @@
 """Compute utilization of data-parallel, DiLoCo and Streaming DiLoCo training
-as a function of the cross-replica bandwidth (ALGORITHMS.md §2, Table 4).
+as a function of the cross-replica bandwidth (Douillard et al. 2025, arXiv
+2501.18512, Table 4).
 
   python tools/simulate_compute_utilization.py            # the 1B and 100B tables
   python tools/simulate_compute_utilization.py --params 7e9 --layers 32 --step_time 0.8
@@ -44,7 +45,7 @@ BANDWIDTHS = np.logspace(-1, 3, 50)  # Gbit/s
 TARGETS = (0.5, 0.8, 0.9, 0.95, 0.99)
 METHODS = ("data_parallel", "diloco", "streaming_fp4")
 
-# ALGORITHMS.md §2 Table 4: Gbit/s for CU = 50/80/90/95/99%.
+# Douillard et al. 2025 (arXiv 2501.18512), Table 4: Gbit/s for CU = 50/80/90/95/99%.
 PAPER = {
     "1B": {"data_parallel": (86.8, 152.6, 184.2, 222.3, 569),
            "diloco": (1.4, 6.2, 13.3, 23.3, 86.8),

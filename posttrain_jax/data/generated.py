@@ -1,7 +1,7 @@
 """TFDS-backed seqio tasks: generated (prompt, response) datasets and real TFDS text sets.
 
-Generated datasets (e.g. teacher samples for offline distillation, ALGORITHMS.md
-section 1) are written as TensorFlow Datasets with the builder
+Generated datasets (e.g. teacher samples for offline distillation, Tiapkin et al.
+2025, arXiv 2502.02671) are written as TensorFlow Datasets with the builder
 ``posttrain_generated``, one builder config per named dataset::
 
     DATA_DIR/posttrain_generated/NAME/1.0.0/{dataset_info.json, *.tfrecord-*}

@@ -1,6 +1,6 @@
 """Model ratatouille for reward models (Ramé et al., 2023, "Model Ratatouille:
 Recycling Diverse Models for Out-of-Distribution Generalization", arXiv
-2212.10445; ALGORITHMS.md section 9), transposed from classifiers to
+2212.10445, ICML 2023), transposed from classifiers to
 Bradley-Terry reward models:
 
   1. fine-tune one RM per auxiliary preference task a_i from the SFT backbone;

@@ -1,8 +1,7 @@
 """BOND and J-BOND: distilling Best-of-N sampling into the policy.
 
 Sessa et al. 2024, "BOND: Aligning LLMs with Best-of-N Distillation",
-arXiv 2407.14622 (ICLR'25); equations from ../shared/reference/ALGORITHMS.md
-section 6 and its second pass.
+arXiv 2407.14622 (ICLR'25); the equations below restate the paper's.
 
 Best-of-N of a reference pi_ref under a reward r (ties: the first maximiser):
 
@@ -23,7 +22,8 @@ Jeffreys objective J_beta = (1 - beta) KL(pi_BoN || pi) + beta KL(pi || pi_BoN):
 J-BOND (N = 2, per prompt one policy sample y and two anchor samples y'_1, y'_2):
   G_FW = -grad log pi(y'_Bo2);  r_J(y) = -log 16 if r(y) < min(r(y'_1), r(y'_2)) else 0;
   R = r_J - (log pi(y) - log pi_anchor(y));  G_BW = -grad log pi(y) (R - B);
-  G_Reg = gamma grad log pi(y) (log pi(y) - log pi_anchor(y))   (second pass);
+  G_Reg = gamma grad log pi(y) (log pi(y) - log pi_anchor(y))   (estimates
+    gamma grad KL(pi || pi_anchor));
   update (1 - beta) G_FW + beta G_BW + gamma G_Reg; EMA anchor eta = 0.02.
 
 As `policy_optimization` algorithms (`BOND`, `JBOND`) every term is

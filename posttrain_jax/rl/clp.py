@@ -1,9 +1,8 @@
 """Conditioned Language Policies (CLP): one policy steerable by a reward weighting w.
 
 Wang et al. 2024, "Conditional Language Policy: A General Framework for
-Steerable Multi-Objective Finetuning", arXiv 2407.15762 (ALGORITHMS.md section 5
-and its second pass). With rewards r_1..r_m and a weighting w on the simplex
-Delta^m, one policy pi_theta(.|x, w) is trained on
+Steerable Multi-Objective Finetuning", arXiv 2407.15762. With rewards r_1..r_m
+and a weighting w on the simplex Delta^m, one policy pi_theta(.|x, w) is trained on
 
     max_theta  E_{w ~ Q} E_x [ E_{y ~ pi_theta(.|x, w)} [w . r(x, y)]
                                - alpha KL(pi_theta(.|x, w) || pi_ref(.|x)) ]
@@ -27,8 +26,8 @@ batch may hold many weightings: for full/attn it vmaps the model over rows with
 per-row mixed parameters (memory: rows x mixed parameters; the tiny models here
 afford it), for logit mixing it vmaps over the m copies and mixes the logits.
 
-What the paper verifies (second pass): linear scalarisation, one steerable model,
-REINFORCE, the variants full-CLP / attn-CLP / logit-CLP. Reconstructions [M],
+What the paper fixes: linear scalarisation, one steerable model,
+REINFORCE, the variants full-CLP / attn-CLP / logit-CLP. Reconstructions ([M]),
 each a setting of `CLPConfig` (gin): Q = Dirichlet(dirichlet_alpha = 1); which
 parameters attn-CLP mixes (`mixed_params`, default every leaf under an "attn"
 module); the prompt serialisation (`prompt_template`, `weight_decimals`); that

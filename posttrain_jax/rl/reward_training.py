@@ -12,7 +12,8 @@ the rest FT, in one step counter and one checkpointed TrainState:
   linear_probe_seed. LP therefore
   depends only on (initial_checkpoint, LP data/seed/lr/steps): every WARM
   member with the same LP settings starts FT from the same head, whatever its
-  learning rate, dropout or data seed (ALGORITHMS.md 8(c)).
+  learning rate, dropout or data seed (WARM, Ramé et al. 2024, arXiv 2401.12187:
+  all members share the linear-probe head init).
 * FT: AdamW with warmup + cosine (OptimizerConfig, over the FT steps), head
   dropout on, batches from train_data (its seed is the member's data order).
 

@@ -1,5 +1,5 @@
 """An independent numpy re-implementation of the whole Streaming DiLoCo
-schedule (arXiv 2501.18512, ALGORITHMS.md §2), compared with
+schedule (Douillard et al. 2025, arXiv 2501.18512, Algorithm 2), compared with
 `StreamingDiLoCo.train_step` (the fused τ >= 1 programs the trainer runs)
 step by step: M = 2 replicas, P = 2 strided fragments (offsets 0 and 2),
 H = 4, τ = 1, α = 0.5, outer Nesterov SGD (momentum 0.9, lr 0.7), FP4 E3M0

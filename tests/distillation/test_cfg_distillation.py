@@ -1,5 +1,6 @@
 """CFG distillation (Cideron et al. 2024, arXiv 2410.06084): the guided teacher and
-the on-policy reverse-KL loss (ALGORITHMS.md section 3 (c))."""
+the on-policy reverse-KL loss (the paper's Eq. 2: zero with zero gradient at
+theta = theta_0 and gamma = 1; no gradient to the teacher)."""
 
 import functools
 

@@ -1,4 +1,6 @@
-"""Token-level distillation losses (ALGORITHMS.md §1(c), §4)."""
+"""Token-level distillation losses (forward / reverse KL and generalized JSD of
+Tiapkin et al. 2025, arXiv 2502.02671; Gemma 2's cross-entropy to the teacher,
+Gemma Team 2024, arXiv 2408.00118)."""
 
 import math
 

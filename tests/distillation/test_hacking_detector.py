@@ -1,4 +1,5 @@
-"""Power-law bend detector (ALGORITHMS.md §1(c): no flag on a power law, flag at a plateau)."""
+"""Power-law bend detector (Tiapkin et al. 2025, arXiv 2502.02671: hacking shows as a
+departure from polynomial convergence; no flag on a power law, flag at a plateau)."""
 
 import numpy as np
 import pytest

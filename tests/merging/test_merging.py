@@ -91,7 +91,7 @@ def test_merge_model_dirs_reward_models_and_architecture_check(tmp_path):
     merging.merge_model_dirs([dirs[0], str(tmp_path / "policy")], str(tmp_path / "bad2"))
 
 
-# WARP merges (ALGORITHMS.md 7(c)).
+# WARP merges (Ramé et al. 2024, arXiv 2406.16768): SLERP and LITI.
 def _vectors(cos, norm=2.0, dim=8, seed=0):
   """init, theta_1, theta_2 whose task vectors have equal norm and the given cosine."""
   rng = np.random.default_rng(seed)

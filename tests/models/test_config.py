@@ -14,7 +14,8 @@ from posttrain_jax.models.gemma2 import Transformer
 VOCAB = 256_128
 
 # name: (d_model, layers, heads, kv_heads, head_dim, mlp_dim, query_scaling,
-#        non-embedding params, embedding params) -- ALGORITHMS.md section 4(a).
+#        non-embedding params, embedding params) -- the Gemma 2 paper's
+#        architecture and parameter-count tables (Gemma Team 2024, arXiv 2408.00118).
 PUBLISHED = {
     "2b": (2304, 26, 8, 4, 256, 9216, "head_dim", 2_024_517_888, 590_118_912),
     "9b": (3584, 42, 16, 8, 256, 14336, "head_dim", 8_324_201_984, 917_962_752),

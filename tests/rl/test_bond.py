@@ -1,4 +1,4 @@
-"""BOND / J-BOND (rl/bond.py, rl/mixed_rollout.py): ALGORITHMS.md section 6 (c).
+"""BOND / J-BOND (rl/bond.py, rl/mixed_rollout.py): Sessa et al. 2024, arXiv 2407.14622.
 
 pi_BoN against a Monte Carlo argmax-of-N with ties, N = 1, normalisation,
 E[r_J], the Jeffreys limits beta = 0 / 1, eta = 0, the J-BOND update against a

@@ -1,5 +1,5 @@
 """The diversity reward D = 1 - cos(E(y1), E(y2)) and its REINFORCE estimator
-(Cideron et al. 2024, arXiv 2410.06084; ALGORITHMS.md section 3 (c))."""
+(Cideron et al. 2024, arXiv 2410.06084)."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""WARP's pure parts (rl/warp.py) and its per-tensor SLERP (ALGORITHMS.md section 7 (c);
+"""WARP's pure parts (rl/warp.py) and its per-tensor SLERP (Ramé et al. 2024, arXiv 2406.16768;
 endpoints, symmetry, norms, LERP fallback, recursive SLERP and LITI are in
 tests/merging/test_merging.py, mu = 0 in tests/rl/test_policy_training.py)."""
 

@@ -1,5 +1,5 @@
 """tools/simulate_compute_utilization.py: monotonicity, ordering, the paper's
-orders of magnitude (ALGORITHMS.md §2 Table 4)."""
+orders of magnitude (Douillard et al. 2025, arXiv 2501.18512, Table 4)."""
 
 import importlib.util
 import math
