@@ -13,7 +13,8 @@
 
 `end_step` reports the metrics, checks the previous step's non-finite flag (one
 step behind, so the host never waits on the device) and saves a checkpoint
-when due (always at the last step). A SIGTERM ends the iteration at the next
+when due (always at the last step); the Checkpointer's save raises
+CheckpointSaveError at the first step that ends after a save failed. A SIGTERM ends the iteration at the next
 step boundary; `finish` then saves that step (if not saved yet) and says how
 to resume. `final_step` is the step the run stopped at.
 """
