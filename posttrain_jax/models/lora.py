@@ -42,8 +42,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -248,8 +246,3 @@ def delta(module: nn.Module, name: str, x: Array, in_dims: int, lora: LoraConfig
 
 def apply_delta(y: Array, d: Array | None) -> Array:
   return y if d is None else y + d.astype(y.dtype)
-
-
-def abstract_adapters(boxed_params, lora: LoraConfig) -> Any:
-  """jax.eval_shape of init_adapters (boxed ShapeDtypeStructs)."""
-  return jax.eval_shape(lambda: init_adapters(jax.random.key(0), boxed_params, lora))

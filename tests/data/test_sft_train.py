@@ -13,6 +13,7 @@ from posttrain_jax.core.optimizer import OptimizerConfig
 from posttrain_jax.data import chat, tasks
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.jobs.train import train
+from posttrain_jax.models import lora_training
 from posttrain_jax.models.lora import LoraConfig
 
 from lm_runs import MODEL  # pylint: disable=g-bad-import-order
@@ -42,7 +43,7 @@ def test_a_resumed_lora_sft_run_is_exact(tmp_path, capfd):
   out = capfd.readouterr().out
   assert "LoRA rank 4, alpha 8 on 14 weights" in out and "base random init (seed 0)" in out
   assert "conversations," in out and "longer than sequence_length=128 dropped" in out
-  info = json.loads((tmp_path / "split" / "lora.json").read_text())
+  info = lora_training.read_run_info(str(tmp_path / "split"))
   assert info["rank"] == 4 and info["base"] is None and len(info["adapted"]) == 14
   # the checkpoint holds the adapters (and their optimizer state), not the base
   meta = ocp.PyTreeCheckpointer().metadata(str(tmp_path / "split" / "checkpoints" / "4" /

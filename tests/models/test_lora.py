@@ -58,7 +58,9 @@ def test_b_at_zero_gives_exactly_the_base_logits(scan_layers):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_merged_logits_equal_the_adapter_models(scan_layers):
   cfg, base, adapters = base_and_adapters(scan_layers, b_scale=0.3)
-  adapted = _apply(cfg)(lora_lib.combine(base, adapters), TOKENS)
+  combined = lora_lib.combine(base, adapters)
+  assert jax.tree.structure(lora_lib.split(combined)) == jax.tree.structure((base, adapters))
+  adapted = _apply(cfg)(combined, TOKENS)
   merged_params = lora_lib.merge(base, adapters, LORA)
   assert jax.tree.map(np.shape, merged_params) == jax.tree.map(np.shape, base)
   merged = _apply(cfg)(merged_params, TOKENS)  # a plain model: no adapters in the tree
