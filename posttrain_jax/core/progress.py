@@ -73,6 +73,12 @@ class ProgressReporter:
     if step % self.log_every == 0 or step == self.total_steps:
       self.flush()
 
+  def restart(self) -> None:
+    """A new start within the run (elastic DiLoCo's heal jumps steps it did not
+    train): writes what is pending; the rate restarts as at a start."""
+    self.flush()
+    self._first_step_done = False
+
   def flush(self) -> None:
     if not self._pending:
       return

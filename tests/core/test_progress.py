@@ -49,3 +49,21 @@ def test_a_window_of_only_the_first_step_has_no_rate_yet(tmp_path, monkeypatch):
   assert lines[0] == "step 1/3 | loss 1.0000 | ETA after the first step (compiling)"
   assert lines[1] == "step 2/3 | loss 1.0000 | 0.50 steps/s | ETA 2s"
   reporter.close()
+
+
+def test_restart_leaves_out_the_steps_a_heal_jumps(tmp_path, monkeypatch):
+  # Elastic DiLoCo: 1 s a step to step 10, a heal jumps to step 50 (not
+  # trained here), then 1 s a step: the rate after the heal is 1 step/s, not
+  # (60 - 10) / 10 s; what was pending before it is written first.
+  reporter, clock, out = _reporter(tmp_path, monkeypatch, log_every=10)
+  for step in range(1, 8):
+    clock.now = float(step)
+    reporter.update(step, {"loss": 1.0})
+  clock.now = 9.0
+  reporter.restart()  # healed to step 50
+  assert out.getvalue().strip().splitlines()[-1].startswith("step   7/100 | loss")
+  for step in range(51, 61):
+    clock.now = 10.0 + (step - 51)
+    reporter.update(step, {"loss": 1.0})
+  assert out.getvalue().strip().splitlines()[-1].endswith("1.00 steps/s | ETA 40s")
+  reporter.close()
