@@ -242,7 +242,9 @@ def apply_outer(outer, outer_opt, replica_params_, frag: fr.Fragment, delta, cou
 def replica_steps(step: jax.Array, replicas, batch, aux=None, *,
                   inner_step: InnerStep, spmd_axis_name: str | None = None):
   """(step + 1, replicas after one vmapped inner step each, metrics). Metrics
-  are replica means (tokens: the sum), plus loss_per_replica. Takes only the
+  stay per replica (leading axis M, on the "replica" mesh axis): no reduction
+  over replicas, so the inner step has no cross-replica (DCN) collective;
+  `replica_metric_means` gives the logged values. Takes only the
   replicas (not the outer state), so one compiled program serves every
   fragment configuration. `aux` (None: not passed) goes unbatched to every
   replica's inner_step(state, batch, aux)."""
@@ -252,16 +254,23 @@ def replica_steps(step: jax.Array, replicas, batch, aux=None, *,
   else:
     replicas, metrics = jax.vmap(inner_step, in_axes=(0, 0, None),
                                  spmd_axis_name=spmd_axis_name)(replicas, batch, aux)
+  return step + 1, replicas, metrics
+
+
+def replica_metric_means(metrics):
+  """Per-replica metrics ([M] each) -> the logged ones: replica means
+  (tokens: the sum), plus loss_per_replica. Its own small program
+  (`StreamingDiLoCo.train_step`), outside the inner step."""
   out = {k: jnp.sum(v) if k == "tokens" else jnp.mean(v) for k, v in metrics.items()}
   if "loss" in metrics:
     out["loss_per_replica"] = metrics["loss"]
-  return step + 1, replicas, out
+  return out
 
 
 def inner_update(state: DiLoCoState, batch, aux=None, *, inner_step: InnerStep,
                  spmd_axis_name: str | None = None):
   """Every replica takes one inner step (vmapped); batch leaves are [M, B/M, ...];
-  `aux` is shared by the replicas (see replica_steps)."""
+  `aux` is shared by the replicas; metrics per replica (see replica_steps)."""
   step, replicas, metrics = replica_steps(state.step, state.replicas, batch, aux,
                                           inner_step=inner_step,
                                           spmd_axis_name=spmd_axis_name)
@@ -335,9 +344,10 @@ def diloco_step(state: DiLoCoState, batch, participating: jax.Array, aux=None, *
                 quant_block: int | None = None, spmd_axis_name: str | None = None,
                 exchange_fn: Callable = exchange):
   """One whole Streaming DiLoCo step as one pure function: inner_update then
-  outer_update for `event`."""
+  outer_update for `event`; metrics: replica_metric_means."""
   state, metrics = inner_update(state, batch, aux, inner_step=inner_step,
                                 spmd_axis_name=spmd_axis_name)
+  metrics = replica_metric_means(metrics)
   state = outer_update(state, participating, fragments=fragments, event=event,
                        outer_tx=outer_tx, alpha=alpha,
                        quantization_format=quantization_format,
@@ -382,7 +392,8 @@ class StreamingDiLoCo:
                                  config.dp_dtype, fallback, shardings)
     self.spmd_axis_name = spmd_axis_name
     self.dispatches: collections.Counter = collections.Counter()
-    self._inner: Callable | None = None
+    self._inner: InnerProgram | None = None
+    self._means: Callable | None = None
     self._outer: dict[fr.Event, Callable] = {}
     self._fused: dict[tuple[int, ...], Callable] = {}
     self._masks: dict[int, jax.Array] = {}  # step -> mask of its deferred exchanges
@@ -421,7 +432,8 @@ class StreamingDiLoCo:
     return pending, fr.Event(apply=event.apply)
 
   def inner_fn(self) -> Callable:
-    """Pure (step, replicas, batch [M, ...][, aux]) -> (step, replicas, metrics)."""
+    """Pure (step, replicas, batch [M, ...][, aux]) -> (step, replicas, metrics
+    per replica)."""
     return functools.partial(replica_steps, inner_step=self.inner_step,
                              spmd_axis_name=self.spmd_axis_name)
 
@@ -435,7 +447,7 @@ class StreamingDiLoCo:
 
   def fused_fn(self, sync: tuple[int, ...]) -> Callable:
     """Pure (state, batch [M, ...], participating [M][, aux]) -> (state,
-    metrics): `overlapped_update` for the pending exchanges `sync`."""
+    metrics per replica): `overlapped_update` for the pending exchanges `sync`."""
     c = self.config
     return functools.partial(
         overlapped_update, inner_step=self.inner_step, fragments=self.fragments,
@@ -443,16 +455,33 @@ class StreamingDiLoCo:
         spmd_axis_name=self.spmd_axis_name, exchange_fn=self.exchange_fn)
 
   def _jit_inner(self, fn):
-    return _jit_inner_cached(self.inner_step, self.spmd_axis_name)
+    return _jit_inner_cached(self.inner_step, self.spmd_axis_name,
+                             self.config.num_replicas == 1)
 
   def _jit_outer(self, fn):  # also the fused programs: the state is donated
     return jax.jit(fn, donate_argnums=(0,))
 
   _jit_fused = _jit_outer
 
-  def compiled_inner(self) -> Callable:
+  def _jit_means(self):
+    return _jit_means_cached()
+
+  def compiled_means(self) -> Callable:
+    if self._means is None:
+      self._means = self._jit_means()
+    return self._means
+
+  def compiled_inner(self) -> "InnerProgram":
+    """The inner program; calling it also runs the metric means (see
+    InnerProgram), its `lower` is the inner program's alone. With one
+    replica the means are in the inner program (nothing to reduce across)."""
     if self._inner is None:
-      self._inner = self._jit_inner(self.inner_fn())
+      if self.config.num_replicas == 1:
+        fn = functools.partial(_inner_with_means, inner=self.inner_fn())
+        self._inner = InnerProgram(self._jit_inner(fn), None)
+      else:
+        self._inner = InnerProgram(self._jit_inner(self.inner_fn()),
+                                   self.compiled_means())
     return self._inner
 
   def compiled_outer(self, event: fr.Event) -> Callable:
@@ -496,6 +525,7 @@ class StreamingDiLoCo:
     if pending:
       mask = self.participation(self._masks.get(step - 1))
       state, metrics = self.compiled_fused(pending)(state, batch, mask, *extra)
+      metrics = self.compiled_means()(metrics)
       self.dispatches[("fused", pending)] += 1
     else:
       new_step, replicas, metrics = self.compiled_inner()(
@@ -511,13 +541,44 @@ class StreamingDiLoCo:
     return state, metrics
 
 
+class InnerProgram:
+  """The jitted inner program (metrics per replica, no DCN collective) and
+  the small program of their replica means, dispatched after it (the
+  cross-replica reduction of a few scalars; the next step's program does not
+  read its result): calling it gives (step, replicas, replica_metric_means(metrics));
+  `lower` lowers the inner program alone (what the compile-only audit checks)."""
+
+  def __init__(self, inner: Callable, means: Callable):
+    self.inner, self.means = inner, means
+
+  def __call__(self, *args):
+    step, replicas, metrics = self.inner(*args)
+    return step, replicas, metrics if self.means is None else self.means(metrics)
+
+  def lower(self, *args):
+    return self.inner.lower(*args)
+
+
+def _inner_with_means(*args, inner):
+  step, replicas, metrics = inner(*args)
+  return step, replicas, replica_metric_means(metrics)
+
+
+@functools.lru_cache(maxsize=1)
+def _jit_means_cached():
+  return jax.jit(replica_metric_means)
+
+
 @functools.lru_cache(maxsize=16)
-def _jit_inner_cached(inner_step, spmd_axis_name):
+def _jit_inner_cached(inner_step, spmd_axis_name, means: bool):
   """One jitted inner program per inner step (shared by StreamingDiLoCo
-  instances with the same inner step, e.g. in tests); aux is not donated."""
-  return jax.jit(functools.partial(replica_steps, inner_step=inner_step,
-                                   spmd_axis_name=spmd_axis_name),
-                 donate_argnums=(0, 1))
+  instances with the same inner step, e.g. in tests); aux is not donated;
+  `means`: replica_metric_means inside (one replica)."""
+  fn = functools.partial(replica_steps, inner_step=inner_step,
+                         spmd_axis_name=spmd_axis_name)
+  if means:
+    fn = functools.partial(_inner_with_means, inner=fn)
+  return jax.jit(fn, donate_argnums=(0, 1))
 
 
 def split_replicas(batch, num_replicas: int):

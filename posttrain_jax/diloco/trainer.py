@@ -21,6 +21,9 @@ inner step, host step count t - 1 in `train_step`) runs:
   event(t).apply's outer updates + merges only, with τ = 0 event(t)'s
   exchanges, then its applies. `lower_step(step)` lowers the program that
   runs a step's inner step (e.g. to read its HLO).
+The inner and fused programs return metrics per replica, sharded over
+"replica" (no DCN all-reduce in the step); their replica means are a separate
+small program (`streaming_diloco.replica_metric_means`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from posttrain_jax.diloco import fragments as fr
 from posttrain_jax.diloco.exchange import fallback_names, sharded_exchange
 from posttrain_jax.diloco.streaming_diloco import (REPLICA_AXIS, ByteCounter, DiLoCoConfig,
                                             DiLoCoState, InnerStep, StreamingDiLoCo,
-                                            exchange, split_replicas)
+                                            exchange, replica_metric_means,
+                                            split_replicas)
 
 
 def without_mesh_axis(rules, axis: str = REPLICA_AXIS):
@@ -112,6 +116,7 @@ class DiLoCoTrainer:
     self.algo._jit_inner = self._jit_inner  # pylint: disable=protected-access
     self.algo._jit_outer = self._jit_outer  # pylint: disable=protected-access
     self.algo._jit_fused = self._jit_fused  # pylint: disable=protected-access
+    self.algo._jit_means = self._jit_means  # pylint: disable=protected-access
     self.fragments, self.schedule = self.algo.fragments, self.algo.schedule
     self.traffic = self.algo.traffic
 
@@ -160,6 +165,14 @@ class DiLoCoTrainer:
   def _aux_in(self) -> tuple:
     return () if self.aux_shardings is None else (self.aux_shardings,)
 
+  def _metric_sharding(self):
+    """Per-replica metrics [M] stay on their replica (no DCN all-reduce in the
+    step); streaming_diloco.replica_metric_means averages them after it
+    (inside the inner program with one replica: scalars)."""
+    if self.config.num_replicas == 1:
+      return partitioning.replicated(self.mesh)
+    return NamedSharding(self.mesh, PartitionSpec(REPLICA_AXIS))
+
   def _jit_inner(self, inner_fn):
     def fn(step, replicas, batch, *aux):
       return inner_fn(step, replicas, self._split(batch), *aux)
@@ -167,7 +180,7 @@ class DiLoCoTrainer:
     replica_sh = self.state_shardings.replicas
     in_shardings = (replicated, replica_sh, self.batch_sharding) + self._aux_in()
     return jax.jit(fn, in_shardings=in_shardings,
-                   out_shardings=(replicated, replica_sh, replicated),
+                   out_shardings=(replicated, replica_sh, self._metric_sharding()),
                    donate_argnums=(0, 1))
 
   def _jit_fused(self, fused_fn):
@@ -177,8 +190,13 @@ class DiLoCoTrainer:
     in_shardings = (self.state_shardings, self.batch_sharding,
                     replicated) + self._aux_in()
     return jax.jit(fn, in_shardings=in_shardings,
-                   out_shardings=(self.state_shardings, replicated),
+                   out_shardings=(self.state_shardings, self._metric_sharding()),
                    donate_argnums=(0,))
+
+  def _jit_means(self):
+    """replica_metric_means, replicated (as the step's metrics were)."""
+    return jax.jit(replica_metric_means, in_shardings=(self._metric_sharding(),),
+                   out_shardings=partitioning.replicated(self.mesh))
 
   def _jit_outer(self, outer_fn):
     replicated = partitioning.replicated(self.mesh)

@@ -20,14 +20,13 @@ from posttrain_jax.aot import topology
 
 topology.quiet_libtpu()
 
-import functools
-
+import jax.numpy as jnp
 import numpy as np
 
 from posttrain_jax.aot import diloco_audit, plan, programs, report
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.optimizer import OptimizerConfig
-from posttrain_jax.core.trainer import Trainer, train_step
+from posttrain_jax.core.trainer import Trainer
 from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.diloco.trainer import DiLoCoTrainer
 from posttrain_jax.models import Transformer, presets
@@ -85,15 +84,22 @@ def two_slice_mesh(out):
                  "devices": len(devices), "one_slice_error": error}
 
 
-def _no_metrics(state, batch, **kwargs):
-  state, _ = train_step(state, batch, **kwargs)
-  return state, {}
+def _replica_mean_inside(algo):
+  """The mutation: the default inner program with its metrics averaged over
+  the replicas inside it (an explicit all-reduce over "replica", DCN)."""
+  inner = type(algo).inner_fn(algo)
+
+  def fn(*args):
+    step, replicas, metrics = inner(*args)
+    return step, replicas, {k: jnp.broadcast_to(jnp.mean(v), v.shape)
+                            for k, v in metrics.items()}
+  return lambda: fn
 
 
 def diloco(out):
-  """The DiLoCo audit on 2 slices: an inner step whose metrics stay in the
-  replica passes; the LM step's replica means (an all-reduce over the replica
-  axis) fail it."""
+  """The DiLoCo audit on 2 slices: the LM inner step (metrics per replica,
+  averaged after it) passes; with a replica mean inside it (an all-reduce
+  over the replica axis) it fails."""
   target = topology.parse("v5e:2x2", num_slices=2)
   mesh = partitioning.create_mesh({"fsdp": -1}, {"replica": 2}, topology.devices(target))
   cfg = presets.load_preset("tiny", **SMALL)
@@ -101,13 +107,13 @@ def diloco(out):
   config = DiLoCoConfig(num_replicas=2, sync_every=4, num_fragments=2, overlap=1)
   model = Transformer(cfg)
   results = {}
-  for name, inner in (("local", functools.partial(_no_metrics, model=model, tx=tx,
-                                                  schedule=schedule)),
-                      ("replica_mean", None)):
-    trainer = DiLoCoTrainer(model, tx, schedule, mesh, config, inner_step=inner)
+  for name in ("default", "replica_mean"):
+    trainer = DiLoCoTrainer(model, tx, schedule, mesh, config)
+    if name == "replica_mean":
+      trainer.algo.inner_fn = _replica_mean_inside(trainer.algo)
     built = programs.diloco_programs(trainer, programs.lm_batch(8, 128, trainer.batch_sharding),
                                      0.0, 8 * 128)
-    keep = [p for p in built if p.role == "inner" or (name == "local" and p.sync == (0,))]
+    keep = [p for p in built if p.role == "inner" or (name == "default" and p.sync == (0,))]
     plans = [plan.compile_program(p, target, mesh) for p in keep]
     r = {"programs": [p.name for p in built],
          "dcn": {p.program.name: p.traffic.dcn_slice_bytes for p in plans},

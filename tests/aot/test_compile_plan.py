@@ -55,16 +55,17 @@ def test_a_two_slice_mesh_puts_every_replica_row_in_one_slice(results):
 
 
 @needs_libtpu
-def test_diloco_audit_passes_for_local_inner_steps_and_fails_on_a_replica_all_reduce(results):
-  local = results["diloco"]["local"]
-  assert "audit_error" not in local, local
-  inner = [n for n in local["dcn"] if n.endswith("inner step")]
-  assert local["dcn"][inner[0]] == 0
-  sync = [n for n in local["dcn"] if "sync" in n]
+def test_diloco_audit_passes_for_the_lm_inner_step_and_fails_on_a_replica_all_reduce(results):
+  default = results["diloco"]["default"]
+  assert "audit_error" not in default, default
+  # the LM step's metrics stay per replica: nothing crosses DCN in the step
+  inner = [n for n in default["dcn"] if n.endswith("inner step")]
+  assert default["dcn"][inner[0]] == 0
+  sync = [n for n in default["dcn"] if "sync" in n]
   # the exchange moves exactly traffic.py's bytes: FP4 codes + scales
-  assert local["dcn"][sync[0]] == local["sync_bytes"][0] > 0
-  # the LM step's metrics are replica means: an all-reduce over the replica
-  # (DCN) axis in every inner step, which the audit refuses
+  assert default["dcn"][sync[0]] == default["sync_bytes"][0] > 0
+  # a replica mean of the metrics inside the step is an all-reduce over the
+  # replica (DCN) axis in every inner step, which the audit refuses
   mean = results["diloco"]["replica_mean"]
   assert "inner step" in mean["audit_error"] and "DCN all-reduce" in mean["audit_error"]
 
