@@ -105,9 +105,11 @@ from posttrain_jax.diloco import exchange as dx
 from posttrain_jax.diloco import fragments as fr
 from posttrain_jax.diloco import quantization
 from posttrain_jax.diloco import traffic as diloco_traffic
+from posttrain_jax.diloco import replica_metrics as rm
 
 # re-exported: the reference exchange and the byte counters live in their modules
 REPLICA_AXIS, exchange, replica_mean = dx.REPLICA_AXIS, dx.exchange, dx.replica_mean
+replica_metric_means, InnerProgram = rm.replica_metric_means, rm.InnerProgram
 Traffic, ByteCounter = diloco_traffic.Traffic, diloco_traffic.ByteCounter
 
 InnerStep = Callable[..., tuple[Any, dict]]  # (state, batch[, aux]) -> (state, metrics)
@@ -255,16 +257,6 @@ def replica_steps(step: jax.Array, replicas, batch, aux=None, *,
     replicas, metrics = jax.vmap(inner_step, in_axes=(0, 0, None),
                                  spmd_axis_name=spmd_axis_name)(replicas, batch, aux)
   return step + 1, replicas, metrics
-
-
-def replica_metric_means(metrics):
-  """Per-replica metrics ([M] each) -> the logged ones: replica means
-  (tokens: the sum), plus loss_per_replica. Its own small program
-  (`StreamingDiLoCo.train_step`), outside the inner step."""
-  out = {k: jnp.sum(v) if k == "tokens" else jnp.mean(v) for k, v in metrics.items()}
-  if "loss" in metrics:
-    out["loss_per_replica"] = metrics["loss"]
-  return out
 
 
 def inner_update(state: DiLoCoState, batch, aux=None, *, inner_step: InnerStep,
@@ -432,8 +424,7 @@ class StreamingDiLoCo:
     return pending, fr.Event(apply=event.apply)
 
   def inner_fn(self) -> Callable:
-    """Pure (step, replicas, batch [M, ...][, aux]) -> (step, replicas, metrics
-    per replica)."""
+    """Pure (step, replicas, batch [M, ...][, aux]) -> (step, replicas, [M] metrics)."""
     return functools.partial(replica_steps, inner_step=self.inner_step,
                              spmd_axis_name=self.spmd_axis_name)
 
@@ -464,24 +455,20 @@ class StreamingDiLoCo:
   _jit_fused = _jit_outer
 
   def _jit_means(self):
-    return _jit_means_cached()
+    return rm.jit_means()
 
   def compiled_means(self) -> Callable:
-    if self._means is None:
-      self._means = self._jit_means()
+    self._means = self._means or self._jit_means()
     return self._means
 
   def compiled_inner(self) -> "InnerProgram":
-    """The inner program; calling it also runs the metric means (see
-    InnerProgram), its `lower` is the inner program's alone. With one
-    replica the means are in the inner program (nothing to reduce across)."""
+    """rm.InnerProgram; with one replica the means are in the inner program."""
     if self._inner is None:
-      if self.config.num_replicas == 1:
-        fn = functools.partial(_inner_with_means, inner=self.inner_fn())
-        self._inner = InnerProgram(self._jit_inner(fn), None)
-      else:
-        self._inner = InnerProgram(self._jit_inner(self.inner_fn()),
-                                   self.compiled_means())
+      one = self.config.num_replicas == 1
+      fn = self.inner_fn()
+      self._inner = InnerProgram(self._jit_inner(
+          functools.partial(rm.inner_with_means, inner=fn) if one else fn),
+                                 None if one else self.compiled_means())
     return self._inner
 
   def compiled_outer(self, event: fr.Event) -> Callable:
@@ -541,34 +528,6 @@ class StreamingDiLoCo:
     return state, metrics
 
 
-class InnerProgram:
-  """The jitted inner program (metrics per replica, no DCN collective) and
-  the small program of their replica means, dispatched after it (the
-  cross-replica reduction of a few scalars; the next step's program does not
-  read its result): calling it gives (step, replicas, replica_metric_means(metrics));
-  `lower` lowers the inner program alone (what the compile-only audit checks)."""
-
-  def __init__(self, inner: Callable, means: Callable):
-    self.inner, self.means = inner, means
-
-  def __call__(self, *args):
-    step, replicas, metrics = self.inner(*args)
-    return step, replicas, metrics if self.means is None else self.means(metrics)
-
-  def lower(self, *args):
-    return self.inner.lower(*args)
-
-
-def _inner_with_means(*args, inner):
-  step, replicas, metrics = inner(*args)
-  return step, replicas, replica_metric_means(metrics)
-
-
-@functools.lru_cache(maxsize=1)
-def _jit_means_cached():
-  return jax.jit(replica_metric_means)
-
-
 @functools.lru_cache(maxsize=16)
 def _jit_inner_cached(inner_step, spmd_axis_name, means: bool):
   """One jitted inner program per inner step (shared by StreamingDiLoCo
@@ -576,9 +535,8 @@ def _jit_inner_cached(inner_step, spmd_axis_name, means: bool):
   `means`: replica_metric_means inside (one replica)."""
   fn = functools.partial(replica_steps, inner_step=inner_step,
                          spmd_axis_name=spmd_axis_name)
-  if means:
-    fn = functools.partial(_inner_with_means, inner=fn)
-  return jax.jit(fn, donate_argnums=(0, 1))
+  return jax.jit(functools.partial(rm.inner_with_means, inner=fn) if means else fn,
+                 donate_argnums=(0, 1))
 
 
 def split_replicas(batch, num_replicas: int):
