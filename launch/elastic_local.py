@@ -39,8 +39,11 @@ import threading
 import time
 from collections.abc import Sequence
 
+from binary_args import binds  # pylint: disable=g-import-not-at-top
+
 SLICE_MODULE = "posttrain_jax.diloco.elastic.run_slice"
 BINARY_MODULE = "posttrain_jax.main"
+LIGHTHOUSE_LOG = "lighthouse.log"  # as posttrain_jax/jobs/elastic_diloco.py
 
 
 def lighthouse_command(port: int, min_replicas: int | None = None,
@@ -64,12 +67,15 @@ def binary_lighthouse_command(port: int, binary_args: Sequence[str],
                               heartbeat_timeout: float | None = None) -> list[str]:
   """The binary's `elastic_lighthouse` job on 127.0.0.1:port with the gin of
   binary_args, so that the gin's LighthouseConfig is the Lighthouse's; each
-  setting given here overrides the gin's."""
+  setting given here overrides the gin's. Its torchft log goes to
+  RUN_DIR/lighthouse.log (unless binary_args bind elastic_lighthouse.log_dir)."""
   overrides = [f"--gin.LighthouseConfig.{name}={value!r}" for name, value in (
       ("min_replicas", min_replicas), ("join_timeout", join_timeout),
       ("heartbeat_timeout", heartbeat_timeout)) if value is not None]
   if overrides:
     overrides.insert(0, "--gin.elastic_lighthouse.quorum=@LighthouseConfig()")
+  if not binds(binary_args, "elastic_lighthouse.log_dir"):
+    overrides.append("--gin.elastic_lighthouse.log_dir=%RUN_DIR")
   return [sys.executable, "-m", BINARY_MODULE, *binary_args,
           "--gin.job.name='elastic_lighthouse'",
           f"--gin.elastic_lighthouse.bind='127.0.0.1:{port}'", *overrides]
@@ -91,10 +97,25 @@ def binary_slice_command(i: int, n: int, port: int, binary_args: Sequence[str]) 
           f"--gin.elastic_diloco.lighthouse='http://127.0.0.1:{port}'"]
 
 
-def _start(command, env, name, out, lock):
+def toy_log_path(args: Sequence[str]) -> str | None:
+  """OUT_DIR/lighthouse.log of the toy task's arguments (None without --out_dir)."""
+  dirs = [a.partition("=")[2] for a in args if a.startswith("--out_dir=")]
+  return os.path.join(dirs[-1], LIGHTHOUSE_LOG) if dirs else None
+
+
+def _start(command, env, name, out, lock, log_path=None):
+  """Starts command; its output goes to `out` line by line, prefixed
+  "[name] ", or appended to the file log_path."""
+  log = None
+  if log_path:
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    log = open(log_path, "ab")
   popen = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
                            start_new_session=True)
+  if log is not None:
+    log.close()  # the child holds it
+    return popen
 
   def stream():
     for raw in iter(popen.stdout.readline, b""):
@@ -156,6 +177,14 @@ def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port:
   settings = (min_replicas, join_timeout, heartbeat_timeout)
   lh_command = (binary_lighthouse_command(port, args, *settings) if binary
                 else lighthouse_command(port, *settings))
+  lh_log = None if binary else toy_log_path(args)  # the binary's job writes its own
+  slice_env = {"RUST_LOG": "warn", **env}  # torchft's client INFO lines: RUST_LOG=info
+
+  def start_lighthouse():
+    popen = _start(lh_command, env, "lighthouse", out, lock, lh_log)
+    say(f"Lighthouse (pid {popen.pid}) on 127.0.0.1:{port}"
+        + (f"; its log: {lh_log}" if lh_log else ""))
+    return popen
   interrupted: list[int] = []
   previous = {}
   if threading.current_thread() is threading.main_thread():
@@ -166,10 +195,9 @@ def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port:
   deadline = None if timeout is None else time.monotonic() + timeout
   status = 0
   try:
-    lighthouse = _start(lh_command, env, "lighthouse", out, lock)
-    say(f"Lighthouse (pid {lighthouse.pid}) on 127.0.0.1:{port}")
+    lighthouse = start_lighthouse()
     for i in range(num_slices):
-      procs[i] = _start(command(i, num_slices, port, args), env, f"s{i}", out, lock)
+      procs[i] = _start(command(i, num_slices, port, args), slice_env, f"s{i}", out, lock)
     while len(done) < num_slices:
       if interrupted:
         status = 128 + interrupted[0]
@@ -186,8 +214,7 @@ def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port:
         say(f"the Lighthouse exited with {code}; restarting it on 127.0.0.1:{port} "
             f"({lighthouse_restarts} restart(s) left; the slices retry meanwhile)")
         time.sleep(0.2)
-        lighthouse = _start(lh_command, env, "lighthouse", out, lock)
-        say(f"Lighthouse (pid {lighthouse.pid}) on 127.0.0.1:{port}")
+        lighthouse = start_lighthouse()
       for i, p in procs.items():
         code = p.poll()
         if i in done or code is None:
@@ -199,7 +226,8 @@ def run_elastic(num_slices: int, args: Sequence[str], env: dict[str, str], port:
           continue
         left[i] -= 1
         say(f"s{i} exited with {code}; restarting it ({left[i]} restart(s) left)")
-        procs[i] = _start(command(i, num_slices, port, args), env, f"s{i}", out, lock)
+        procs[i] = _start(command(i, num_slices, port, args), slice_env, f"s{i}", out,
+                          lock)
       if deadline is not None and time.monotonic() > deadline:
         status = 124
         say(f"timeout after {timeout:g} s; stopping the slices, then the Lighthouse")

@@ -16,15 +16,17 @@ VERBOSE_ENV = "POSTTRAIN_JAX_TF_LOGS"
 
 
 @contextlib.contextmanager
-def quiet_stderr():
-  if os.environ.get(VERBOSE_ENV):
+def quiet_stderr(path: str | None = None):
+  """path: append stderr to this file instead (whatever VERBOSE_ENV says),
+  e.g. a C++/Rust service's log that belongs in a run's directory."""
+  if path is None and os.environ.get(VERBOSE_ENV):
     yield
     return
   sys.stderr.flush()
   saved = os.dup(2)
   try:
-    with open(os.devnull, "w") as null:
-      os.dup2(null.fileno(), 2)
+    with open(path or os.devnull, "a") as target:
+      os.dup2(target.fileno(), 2)
     yield
   finally:
     sys.stderr.flush()

@@ -167,6 +167,10 @@ class ResumableBatchIterator:
     """
 
     state_config_fields: tuple[str, ...] = ()
+    # False: no tf.data autotuning (same batches, default parallelism). Deleting
+    # an autotuned iterator joins its "tf_data_model" thread, which was seen to
+    # finish its wait of up to a minute first (elastic DiLoCo slices' exits).
+    autotune: bool = True
 
     def _start(self, start_batch: int) -> None:
         if start_batch < 0:
@@ -184,6 +188,10 @@ class ResumableBatchIterator:
     def _reset(self) -> None:
         ds = self._examples().batch(self._config["batch_size"], drop_remainder=True)
         ds = ds.skip(self._batches_consumed).prefetch(tf.data.AUTOTUNE)
+        if not self.autotune:
+            options = tf.data.Options()
+            options.autotune.enabled = False
+            ds = ds.with_options(options)
         self._iterator = ds.as_numpy_iterator()
 
     @property
@@ -250,7 +258,8 @@ class LMBatchIterator(ResumableBatchIterator):
 
     ``num_epochs=None`` repeats forever. ``inputs_length`` is the prompt part of
     ``sequence_length`` for prefix-LM tasks (required there, rejected for plain
-    LM). See ``ResumableBatchIterator`` for resuming.
+    LM). ``autotune``: see ``ResumableBatchIterator.autotune``. See
+    ``ResumableBatchIterator`` for resuming.
     """
 
     state_config_fields = STATE_CONFIG_FIELDS
@@ -258,7 +267,9 @@ class LMBatchIterator(ResumableBatchIterator):
     def __init__(self, *, task_name: str, split: str, sequence_length: int, batch_size: int,
                  shuffle: bool = True, seed: int = 0, num_epochs: int | None = None,
                  pack: bool = True, shard_index: int = 0, num_shards: int = 1,
-                 start_batch: int = 0, inputs_length: int | None = None):
+                 start_batch: int = 0, inputs_length: int | None = None,
+                 autotune: bool = True):
+        self.autotune = bool(autotune)
         self._config = dict(
             task_name=task_name, split=split, seed=int(seed),
             sequence_length=int(sequence_length), batch_size=int(batch_size),

@@ -24,12 +24,21 @@ Reading the whole global batch costs M times the host input work of one
 block; it buys that exactness (a per-slice shard of the pipeline would change
 which rows each replica sees).
 
-Outputs: RUN_DIR/slice{S}.jsonl (a line per inner step with the loss and a
-digest of θ̃, per sync/heal/start record with the members and wait, an eval
-line every `eval_every` steps, a final line with the bytes moved, exchange and
-heal apart), RUN_DIR/slice{S}_outer.npz (final θ̃), and with
-`checkpoint_every` the elastic orbax checkpoints under RUN_DIR/elastic_ckpt
-(the round leader writes θ̃; each slice its inner state).
+Outputs. As the LM job (`train`), once the slice has joined: a progress line
+every `log_every` steps (loss, accuracy, lr, grad norm, tokens/s, steps/s
+and the ETA of this slice, from its first step: compiling and the start
+barrier are not counted, nor the steps a heal skips) and an eval line every
+`eval_every` steps on stdout; TensorBoard scalars of the same metrics (plus
+elastic/members and elastic/sync_wait_s per sync, elastic/heal_wait_s per
+heal, eval/* per eval) and the config text in RUN_DIR/slice_{S}/
+(`core.progress`); RUN_DIR/config.gin, the operative configuration of slice
+0 (the slices differ only in slice_index; `core.operative_config`). And: RUN_DIR/slice{S}.jsonl (a line per inner step
+with the loss and a digest of θ̃, per sync/heal/start record with the members
+and wait, an eval line, a final line with the bytes moved, exchange and heal
+apart), RUN_DIR/slice{S}_outer.npz (final θ̃), and with `checkpoint_every` the
+elastic orbax checkpoints under RUN_DIR/elastic_ckpt (the round leader writes
+θ̃; each slice its inner state). The Lighthouse job with `log_dir` writes
+torchft's log to LOG_DIR/lighthouse.log (launch/local.py gives it RUN_DIR).
 
 SIGTERM (the launcher's stop, a preemption): the slice stops after its next
 sync, saves the elastic checkpoint of that step (with `checkpoint_every`),
@@ -42,6 +51,7 @@ raises a ValueError when jax.process_count() > 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -52,9 +62,12 @@ import time
 import jax
 import numpy as np
 
+from posttrain_jax.core import operative_config as operative_config_lib
 from posttrain_jax.core import partitioning
 from posttrain_jax.core.preemption import PreemptionWatcher
 from posttrain_jax.core.optimizer import OptimizerConfig
+from posttrain_jax.core.progress import ProgressReporter
+from posttrain_jax.core.quiet_stderr import quiet_stderr
 from posttrain_jax.core.trainer import Trainer, TrainState, _MeshRules, train_step
 from posttrain_jax.data.dataset_config import DatasetConfig
 from posttrain_jax.diloco.elastic import checkpoint as ec
@@ -66,11 +79,15 @@ from posttrain_jax.diloco.streaming_diloco import DiLoCoConfig
 from posttrain_jax.diloco.trainer import without_mesh_axis
 from posttrain_jax.models import ModelConfig, Transformer
 
+LIGHTHOUSE_LOG = "lighthouse.log"  # in the Lighthouse job's log_dir
+NOT_REPORTED = ("loss_per_replica",)  # one replica per slice: its loss is "loss"
+
 
 class SliceBatches:
   """batch_fn(step) of `ElasticSlice`: slice s's row block of the global batch
   of inner step `step`, from the train pipeline (sought when the step jumps,
-  e.g. after a heal or a resume)."""
+  e.g. after a heal or a resume). Not autotuned: the same batches, and the
+  slice's exit does not wait (up to a minute) for tf.data's tuning thread."""
 
   def __init__(self, cfg: DatasetConfig, slice_index: int, num_slices: int):
     if cfg.batch_size % num_slices:
@@ -89,7 +106,7 @@ class SliceBatches:
                                  sequence_length=c.sequence_length, batch_size=c.batch_size,
                                  shuffle=c.shuffle, seed=c.seed, pack=c.pack,
                                  num_epochs=c.num_epochs, start_batch=step,
-                                 inputs_length=c.inputs_length)
+                                 inputs_length=c.inputs_length, autotune=False)
     batch = next(self._it)
     self._next = step + 1
     return {k: np.asarray(v)[self.lo:self.lo + self.block] for k, v in batch.items()}
@@ -105,7 +122,8 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
                    exchange_timeout: float = 30.0, quorum_timeout: float = 300.0,
                    heal_timeout: float = 120.0, heartbeat_every: float = 0.2,
                    peer_host: str = "127.0.0.1", checkpoint_every: int = 0,
-                   z_loss: float = 0.0, operative_config: str | None = None) -> dict:
+                   z_loss: float = 0.0, log_every: int = 10,
+                   operative_config: str | None = None) -> dict:
   """Trains slice `slice_index` of `num_slices` (see the module docstring).
 
   diloco: the Streaming DiLoCo settings (its num_replicas must equal
@@ -116,7 +134,9 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
   exchange / quorum / heal timeouts and heartbeat_every in seconds; peer_host:
   the interface this slice's gRPC peer server binds (its address goes to the
   others through the Lighthouse; "0.0.0.0" across machines); checkpoint_every:
-  elastic orbax checkpoints every this many steps (0: none).
+  elastic orbax checkpoints every this many steps (0: none); log_every: a
+  progress line and TensorBoard scalars every this many steps; operative_config:
+  the gin text (RUN_DIR/config.gin from slice 0, TensorBoard "config").
   Returns {"final_step", "outer_digest", "bytes", "compiles_after_join"} and,
   stopped by SIGTERM, "preempted": True.
   """
@@ -129,7 +149,6 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
   if not lighthouse:
     raise ValueError("elastic_diloco: set elastic_diloco.lighthouse to the quorum "
                      "service's address, e.g. 'http://127.0.0.1:29510'.")
-  del operative_config
   os.makedirs(run_dir, exist_ok=True)
   batches = SliceBatches(train_data, slice_index, num_slices)
   mesh = partitioning.create_mesh({"data": -1}, {})
@@ -163,26 +182,49 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
   if eval_data is not None and eval_every:
     from posttrain_jax.jobs.train import _eval_batches, evaluate  # pylint: disable=g-import-not-at-top
     eval_set = _eval_batches(eval_data, eval_batches)
-  seen = [0]
+  seen, reporter = [0], []
+  n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+  tb_dir = os.path.join(run_dir, f"slice_{slice_index}")
+
+  def on_join(step, warm_s):  # the start succeeded: resumed, compiled
+    emit(event="joining", step=step, warm_s=warm_s)
+    if slice_index == 0:
+      operative_config_lib.record(run_dir, operative_config)
+    reporter.append(ProgressReporter(tb_dir, total_steps=num_steps, start_step=step,
+                                     log_every=log_every))
+    if operative_config:
+      reporter[0].write_text(step, "config", operative_config)
+    log(f"joining at step {step} of {num_steps} ({num_slices} slices) | "
+        f"{n_params:,} params | TensorBoard {tb_dir}")
 
   def on_step(step, metrics, state):
+    if metrics:  # rates and the ETA from this slice's first step (core/progress)
+      reporter[0].update(step, {k: v for k, v in metrics.items() if k not in NOT_REPORTED})
+    else:  # healed to `step`: the steps it jumped were not trained here
+      reporter[0].restart()
     for r in algo.records[seen[0]:]:
       emit(event=r.kind, step=r.step, members=list(r.members), wait_s=r.wait_s,
            quorum_ids=list(r.quorum_ids), dropped=list(r.dropped))
+      if r.kind == "sync":
+        reporter[0].writer.write_scalars(r.step, {"elastic/members": len(r.members),
+                                                  "elastic/sync_wait_s": r.wait_s})
+      elif r.kind == "heal":
+        reporter[0].writer.write_scalars(r.step, {"elastic/heal_wait_s": r.wait_s})
     seen[0] = len(algo.records)
     if "loss" in metrics:
       emit(event="step", step=step, loss=float(np.mean(metrics["loss"])),
            tokens=float(np.sum(metrics["tokens"])), outer=digest(state.outer_params))
     if eval_set and step % eval_every == 0:
-      emit(event="eval", step=step, **evaluate(trainer, state.outer_params, eval_set))
+      result = evaluate(trainer, state.outer_params, eval_set)
+      emit(event="eval", step=step, **result)
+      reporter[0].write_eval(step, result)
 
   try:
     with _MeshRules(mesh, rules):
       algo = es.ElasticSlice(diloco, inner, params, init_inner, members, peer, elastic,
                              log=log, checkpoints=checkpoints,
                              should_stop=lambda: watcher.should_stop(0),
-                             on_join=lambda t, secs: emit(event="joining", step=t,
-                                                          warm_s=secs))
+                             on_join=on_join)
       state = algo.init(init_inner(params, 0))
       emit(event="started")
       state = algo.run(state, batches, num_steps, on_step)
@@ -203,6 +245,8 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
     return result
   finally:
     watcher.close()
+    if reporter:
+      reporter[0].close()
     if checkpoints is not None:
       checkpoints.close()
     members.close()
@@ -212,18 +256,29 @@ def elastic_diloco(*, model_config: ModelConfig, run_dir: str, train_data: Datas
 
 def elastic_lighthouse(*, quorum: mb.LighthouseConfig = mb.LighthouseConfig(),
                        bind: str = "[::]:29510", run_for: float | None = None,
+                       log_dir: str | None = None,
                        operative_config: str | None = None) -> str:
   """Serves torchft's Lighthouse with `quorum`'s settings on `bind` until
-  SIGTERM/SIGINT (or `run_for` seconds); returns its address."""
+  SIGTERM/SIGINT (or `run_for` seconds); returns its address. log_dir:
+  torchft's log (its Rust INFO lines on stderr, about six per quorum: each
+  request, each change of status, the quorum) goes to LOG_DIR/lighthouse.log,
+  appended (None: stderr, e.g. a cloud job's log); the one line on stdout
+  says where."""
   del operative_config
-  server = mb.start_lighthouse(quorum, bind)
-  address = server.address()
-  print(f"[lighthouse] serving on {address} ({quorum})", flush=True)
-  done = threading.Event()
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: done.set())
-  try:
-    done.wait(run_for)
-  finally:
-    server.shutdown()
+  log_file = None
+  if log_dir:
+    os.makedirs(log_dir, exist_ok=True)
+    log_file = os.path.join(log_dir, LIGHTHOUSE_LOG)
+  with quiet_stderr(log_file) if log_file else contextlib.nullcontext():
+    server = mb.start_lighthouse(quorum, bind)
+    address = server.address()
+    print(f"[lighthouse] serving on {address} ({quorum})"
+          + (f"; torchft's log: {log_file}" if log_file else ""), flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, lambda *_: done.set())
+    try:
+      done.wait(run_for)
+    finally:
+      server.shutdown()
   return address

@@ -1,14 +1,18 @@
 """The elastic DiLoCo LM path (job `elastic_diloco`, posttrain_jax/jobs/
 elastic_diloco.py): each slice trains its row block of the global batch, so 2
 slices (two binaries, torchft's Lighthouse) compute the SPMD Streaming DiLoCo
-run (`train` with `train.diloco`, M = 2) of the same gin. The ElasticSlice
+run (`train` with `train.diloco`, M = 2) of the same gin, and report as the LM
+job does (progress lines, TensorBoard, config.gin), with torchft's log in
+RUN_DIR/lighthouse.log and the launcher leaving with the slices. The ElasticSlice
 protocol itself (kills, heals, checkpoints) is tested on the toy task in
 tests/diloco/elastic/."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -45,20 +49,33 @@ def _binary(args, log):
                           env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
+def _tensorboard(log_dir) -> dict[str, list[int]]:
+  """{tag: steps} of the TensorBoard events under log_dir (clu writes tensors)."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(log_dir))
+  acc.Reload()
+  return {tag: [e.step for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+
+
 def test_two_slices_equal_the_spmd_run(tmp_path):
   """launch/local.py --elastic_slices=2 with the LM gin (the Lighthouse and two
-  binaries) against the binary's SPMD run, both at once."""
+  binaries) against the binary's SPMD run, both at once; the elastic run's
+  output is the LM job's (progress lines, TensorBoard, config.gin), torchft's
+  log goes to RUN_DIR/lighthouse.log, and the launcher leaves with the slices."""
   elastic_dir, spmd_dir = tmp_path / "elastic", tmp_path / "spmd"
   procs = [subprocess.Popen(
       [sys.executable, LAUNCHER, "--elastic_slices=2", "--elastic_join_timeout=10",
        "--elastic_heartbeat_timeout=5", "--timeout=400", f"--gin_file={GIN}",
-       f"--gin.RUN_DIR='{elastic_dir}'"] + COMMON, cwd=REPO, env=_env(),
+       f"--gin.RUN_DIR='{elastic_dir}'", "--gin.elastic_diloco.log_every=2"] + COMMON,
+      cwd=REPO, env=_env(),
       stdout=open(tmp_path / "elastic.log", "wb"), stderr=subprocess.STDOUT)]
   procs.append(_binary([f"--gin_file={SPMD_GIN}", f"--gin.RUN_DIR='{spmd_dir}'",
                         "--gin.train.eval_every=0"] + COMMON,
                        open(tmp_path / "spmd.log", "wb")))
   try:
-    codes = [p.wait(timeout=450) for p in procs]
+    codes = [procs[0].wait(timeout=450)]
+    launcher_exit = time.time()
+    codes.append(procs[1].wait(timeout=450))
   finally:
     for p in procs:
       if p.poll() is None:
@@ -66,6 +83,28 @@ def test_two_slices_equal_the_spmd_run(tmp_path):
         p.wait()
   logs = {n: (tmp_path / f"{n}.log").read_text()[-3000:] for n in ("elastic", "spmd")}
   assert codes == [0, 0], logs
+  text = (tmp_path / "elastic.log").read_text()
+  for s in range(2):  # each slice's progress lines, as the LM job's
+    lines = re.findall(rf"^\[s{s}\] step +(\d+)/{STEPS} \| loss \d+\.\d+ .*$", text, re.M)
+    assert lines == ["2", "4", "6"], text[-3000:]
+    assert re.search(rf"^\[s{s}\] step +6/{STEPS} \| .*steps/s \| ETA ", text, re.M)
+    tags = _tensorboard(elastic_dir / f"slice_{s}")
+    assert tags["loss"] == [2, 4, 6] and tags["steps_per_sec"] == [2, 4, 6], tags
+    assert {"tokens_per_sec", "learning_rate", "grad_norm", "config"} <= tags.keys()
+    assert tags["elastic/members"] == SYNC_STEPS == tags["elastic/sync_wait_s"]
+  config = (elastic_dir / "config.gin").read_text()
+  assert "elastic_diloco.slice_index = 0" in config and f"NUM_STEPS = {STEPS}" in config
+  # torchft's INFO lines are in RUN_DIR/lighthouse.log, one console line says where
+  assert "[INFO]" not in text, text[-3000:]
+  assert f"torchft's log: {elastic_dir / 'lighthouse.log'}" in text
+  assert "[INFO] [torchft::lighthouse] - Quorum!" in (elastic_dir / "lighthouse.log").read_text()
+  # the launcher leaves with the slices: the Lighthouse stops at its SIGTERM (no
+  # SIGKILL after the grace), and nothing waits out a deadline (the slices'
+  # timeouts are 30 s and more) after the last slice's last record
+  assert "after SIGTERM; killing it" not in text, text[-3000:]
+  last = max(json.loads(l)["time"] for s in range(2)
+             for l in open(elastic_dir / f"slice{s}.jsonl") if l.strip())
+  assert launcher_exit - last < 25, (launcher_exit - last, text[-3000:])
   spmd = flat_arrays(params_checkpoint.load_numpy_params(
       str(spmd_dir), params_checkpoint.model_config_of(params_checkpoint.locate(str(spmd_dir)))))
   slices = [dict(np.load(elastic_dir / f"slice{s}_outer.npz")) for s in range(2)]

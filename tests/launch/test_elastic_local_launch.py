@@ -2,7 +2,7 @@
 slices, prefixed logs, nothing left running; SIGTERM / Ctrl-C stop every
 process (each slice checkpointing its last sync); a killed Lighthouse is
 started again and the slices go on; the gin's LighthouseConfig reaches the
-binary's Lighthouse."""
+binary's Lighthouse; torchft's log goes to a file, not the console."""
 
 import json
 import os
@@ -101,7 +101,11 @@ def test_two_slices_and_the_lighthouse(tmp_path):
       env=env, capture_output=True, text=True, timeout=150)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert "elastic DiLoCo: Lighthouse on 127.0.0.1:" in proc.stderr
-  assert "[lighthouse] " in proc.stdout
+  # torchft's INFO lines (the Lighthouse's, the slices' clients') stay off the
+  # console: the Lighthouse's go to OUT_DIR/lighthouse.log, which one line names
+  assert "[INFO]" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
+  assert f"; its log: {tmp_path / 'lighthouse.log'}" in proc.stdout
+  assert "[INFO] [torchft::lighthouse]" in (tmp_path / "lighthouse.log").read_text()
   outer = [dict(np.load(tmp_path / f"slice{s}_outer.npz")) for s in range(2)]
   for k, v in outer[0].items():
     np.testing.assert_array_equal(outer[1][k], v)
@@ -177,6 +181,7 @@ def test_a_killed_lighthouse_is_restarted_and_the_slices_go_on(tmp_path):
     np.testing.assert_array_equal(outer[1][k], v)
 
 
+@needs_torchft
 def test_the_gins_lighthouse_config_reaches_the_lighthouse(tmp_path):
   """The binary path's Lighthouse is the binary's elastic_lighthouse job with
   the slices' gin: its LighthouseConfig, with a launcher flag overriding one
@@ -184,11 +189,16 @@ def test_the_gins_lighthouse_config_reaches_the_lighthouse(tmp_path):
   port = _free_port()
   command = elastic_local.binary_lighthouse_command(
       port, ["--gin_file=gin/experiments/elastic_diloco/lm.gin",
-             "--gin.LighthouseConfig.join_timeout=7.5"], heartbeat_timeout=3.0)
+             f"--gin.RUN_DIR='{tmp_path}'", "--gin.LighthouseConfig.join_timeout=7.5"],
+      heartbeat_timeout=3.0)
   proc = subprocess.run(command + ["--gin.elastic_lighthouse.run_for=0.5"], cwd=REPO,
                         env=dict(_env(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO),
                         capture_output=True, text=True, timeout=180)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("[lighthouse] serving"))
   assert line.endswith(f":{port} (LighthouseConfig(min_replicas=1, join_timeout=7.5, "
-                       "heartbeat_timeout=3.0, quorum_tick=0.05))"), line
+                       "heartbeat_timeout=3.0, quorum_tick=0.05)); torchft's log: "
+                       f"{tmp_path / 'lighthouse.log'}"), line
+  # torchft's own lines went to RUN_DIR/lighthouse.log, not to the console
+  assert "[INFO]" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+  assert "Lighthouse listening on" in (tmp_path / "lighthouse.log").read_text()
