@@ -98,13 +98,13 @@ def test_two_slices_equal_the_spmd_run(tmp_path):
   assert "[INFO]" not in text, text[-3000:]
   assert f"torchft's log: {elastic_dir / 'lighthouse.log'}" in text
   assert "[INFO] [torchft::lighthouse] - Quorum!" in (elastic_dir / "lighthouse.log").read_text()
-  # the launcher leaves with the slices: the Lighthouse stops at its SIGTERM (no
-  # SIGKILL after the grace), and nothing waits out a deadline (the slices'
-  # timeouts are 30 s and more) after the last slice's last record
+  # the launcher leaves with the slices (a few seconds here): the Lighthouse
+  # stops at its SIGTERM (no SIGKILL after the 5 s grace), and no slice's exit
+  # waits out a timer (tf.data's autotuning thread held one up to 60 s)
   assert "after SIGTERM; killing it" not in text, text[-3000:]
   last = max(json.loads(l)["time"] for s in range(2)
              for l in open(elastic_dir / f"slice{s}.jsonl") if l.strip())
-  assert launcher_exit - last < 25, (launcher_exit - last, text[-3000:])
+  assert launcher_exit - last < 15, (launcher_exit - last, text[-3000:])
   spmd = flat_arrays(params_checkpoint.load_numpy_params(
       str(spmd_dir), params_checkpoint.model_config_of(params_checkpoint.locate(str(spmd_dir)))))
   slices = [dict(np.load(elastic_dir / f"slice{s}_outer.npz")) for s in range(2)]
